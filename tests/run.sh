@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sets up the test environment (once) and runs the whole test suite: `bash tests/run.sh`.
+# Extra arguments go to pytest, e.g. `bash tests/run.sh -k formats -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${IDENTITY_TEST_VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.requirements-test.sha"
+want=$(cat requirements-test.txt tests/run.sh | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -r requirements-test.txt
+  # The ldm UNet classes the WebUI runs; --no-deps keeps its old pins out of the venv.
+  "$VENV/bin/python" -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
+  echo "$want" > "$stamp"
+fi
+exec "$VENV/bin/python" -m pytest -q "$@"
