@@ -1,0 +1,73 @@
+"""The extension's section in Settings; read back with ``option()`` which is safe before registration."""
+
+from __future__ import annotations
+
+SECTION = ("identity", "Identity")
+
+DEFAULTS = {
+    "identity_unit_count": 3,
+    "identity_extra_model_dirs": "",
+    "identity_encoder_offload": "move to CPU after use",
+    "identity_cache_size": 64,
+}
+
+OFFLOAD_CHOICES = ["keep on device", "move to CPU after use", "unload after use"]
+
+
+def option(key: str):
+    """A setting's value; the default when the settings are not loaded or the key is unknown."""
+    try:
+        from modules import shared
+
+        return shared.opts.data.get(key, DEFAULTS[key])
+    except Exception:  # noqa: BLE001 - outside a WebUI (tests, CLI) the defaults apply
+        return DEFAULTS[key]
+
+
+def unit_count() -> int:
+    try:
+        return max(1, min(8, int(option("identity_unit_count"))))
+    except (TypeError, ValueError):
+        return DEFAULTS["identity_unit_count"]
+
+
+def register():
+    """``on_ui_settings`` callback."""
+    import gradio as gr
+    from modules import shared
+
+    def add(key, label, component=None, component_args=None, info=None, restart=False):
+        opt = shared.OptionInfo(DEFAULTS[key], label, component, component_args, section=SECTION)
+        if info:
+            opt = opt.info(info)
+        if restart:
+            opt = opt.needs_reload_ui()
+        shared.opts.add_option(key, opt)
+
+    add(
+        "identity_unit_count",
+        "Number of identity units in the accordion",
+        gr.Slider,
+        {"minimum": 1, "maximum": 8, "step": 1},
+        restart=True,
+    )
+    add(
+        "identity_extra_model_dirs",
+        "Extra model folders (one per line), searched before models/ipadapter, models/ControlNet, models/photomaker …",
+        gr.Textbox,
+        {"lines": 2},
+        info="--identity-models-dir is searched first",
+    )
+    add(
+        "identity_encoder_offload",
+        "Image encoders after use",
+        gr.Radio,
+        {"choices": OFFLOAD_CHOICES},
+        info="keep on the GPU (fastest, uses VRAM) / move to CPU RAM / unload completely",
+    )
+    add(
+        "identity_cache_size",
+        "Cached reference encodings (0 disables the cache)",
+        gr.Slider,
+        {"minimum": 0, "maximum": 1024, "step": 1},
+    )
