@@ -127,7 +127,7 @@ def load_adapter(info: ModelInfo, sections: dict, device="cpu",
         )
     elif info.lora:
         raise CheckpointError(source, f"{info.variant}: the FaceID LoRA keys (ip_adapter.N.to_q_lora.*) are missing")
-    return image_proj.eval(), ip_layers.eval()
+    return _ready(image_proj, device, source), _ready(ip_layers, device, source)
 
 
 def load_photomaker(info: ModelInfo, sections: dict, device="cpu",
@@ -145,7 +145,17 @@ def load_photomaker(info: ModelInfo, sections: dict, device="cpu",
     load_state_dict_strict(encoder, enc_sd, source=source, section="id_encoder", device=device, dtype=dtype,
                            optional=(POSITION_IDS,))
     _restore_position_ids(encoder, device)
-    return encoder.eval()
+    return _ready(encoder, device, source)
+
+
+def _ready(module: nn.Module, device, source: str) -> nn.Module:
+    """Inference mode, and nothing left on the meta device it was built on."""
+    if torch.device(device).type != "meta":
+        left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+        if left:
+            # a tensor the module has and the file need not: this library's bug, not the file's
+            raise CheckpointError(source, f"internal: {left[0]} was not loaded; please report this with your transformers version")
+    return module.requires_grad_(False).eval()
 
 
 def _restore_position_ids(encoder: PhotoMakerIDEncoder, device) -> None:
