@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import io
 import json
 import pickle
@@ -121,6 +122,21 @@ def test_api_accepts_png_jpeg_webp_and_hashes_by_pixels():
     jpeg = U.Unit.from_api({"images": [data_url(ref, "JPEG", "image/jpeg", quality=95)]}, 1)
     assert png.image_hashes == webp.image_hashes == raw.image_hashes
     assert jpeg.images[0].size == ref.size and jpeg.image_hashes != png.image_hashes  # lossy: other pixels
+
+
+def test_image_hash_is_pixels_and_size_only():
+    from PIL import PngImagePlugin
+
+    ref = picture(6)
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", "a photo, Steps: 20")
+    tagged = U.Unit.from_api({"images": [b64(encoded(ref, pnginfo=meta))]}, 1)
+    plain = U.Unit.from_api({"images": [b64(encoded(ref))]}, 1)
+    assert tagged.image_hashes == plain.image_hashes
+    expected = hashlib.sha256(b"40x32:" + ref.tobytes()).hexdigest()[:8]  # the documented recipe
+    assert plain.image_hashes == (expected,)
+    other = picture(6).crop((0, 0, 32, 40 - 8))  # other size
+    assert image_input.image_hash(other) != expected and image_input.image_hash(picture(7)) != expected
 
 
 def test_api_jpeg_exif_orientation_is_applied():
@@ -626,7 +642,8 @@ def model_folder(tmp_path_factory):
         write_manifest_layout(name, folder, "safetensors")
     entries = discovery.list_models([str(folder)], refresh=True)
     assert all(e.usable for e in entries), [e.error for e in entries]
-    return folder, entries
+    yield folder, entries
+    discovery.list_models([], refresh=True)  # leave no listing of this folder in discovery's cache
 
 
 def finders(model_folder, encoders=("clip-vit-h",)):
