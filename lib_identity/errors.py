@@ -16,3 +16,16 @@ class CheckpointError(IdentityError):
 
 class ModelNotFoundError(IdentityError):
     """A model was asked for by name and no configured model folder holds it."""
+
+
+class UnitError(IdentityError):
+    """One unit's settings are wrong: says which unit (1-based, as the UI shows "Unit 1") and which field."""
+
+    def __init__(self, unit, field, message):
+        self.unit = unit
+        self.field = field
+        self.reason = message
+        where = "Identity" if unit is None else f"Identity unit {unit}"
+        if field:
+            where += f", field '{field}'"
+        super().__init__(f"{where}: {message}")
