@@ -29,3 +29,11 @@ class UnitError(IdentityError):
         if field:
             where += f", field '{field}'"
         super().__init__(f"{where}: {message}")
+
+
+class PreparationError(IdentityError):
+    """A reference picture, or how it should be fitted to the encoder (mode, crop position, pad colour), is unusable."""
+
+
+class EncoderError(IdentityError):
+    """An image encoder could not be loaded or run (wrong file, wrong output asked for, bad settings)."""
