@@ -16,3 +16,7 @@ class CheckpointError(IdentityError):
 
 class ModelNotFoundError(IdentityError):
     """A model was asked for by name and no configured model folder holds it."""
+
+
+class PatchError(IdentityError):
+    """Image prompts could not be applied to the loaded UNet (wrong inputs or an unexpected model)."""
