@@ -37,3 +37,7 @@ class PreparationError(IdentityError):
 
 class EncoderError(IdentityError):
     """An image encoder could not be loaded or run (wrong file, wrong output asked for, bad settings)."""
+
+
+class PatchError(IdentityError):
+    """Image prompts could not be applied to the loaded UNet (wrong inputs or an unexpected model)."""
