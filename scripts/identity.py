@@ -1,8 +1,10 @@
 # The WebUI executes this file (it is not importable); everything lives in lib_identity.
 import modules.scripts as scripts
 
-from lib_identity.webui.script import IdentityScript
+from lib_identity.webui import script as identity
+
+identity.register_callbacks()
 
 
-class Script(IdentityScript, scripts.Script):
-    """The AlwaysOn script; behaviour is in lib_identity.webui.script."""
+class Script(identity.IdentityScript, scripts.Script):
+    """The AlwaysOn "Identity" script; behaviour is in lib_identity.webui."""

@@ -173,5 +173,3 @@ def _preview(files):
     return out
 
 
-def describe_needs(info) -> str:
-    return ", ".join(describe_encoder(n) for n in U.required_encoders(info))

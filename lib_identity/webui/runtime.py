@@ -1,0 +1,203 @@
+"""One generation, as the WebUI runs it: parse and check the units, install the patch session for
+every sampling pass, and take everything away again.
+
+The WebUI catches exceptions from script hooks and goes on without the script, which would give
+an image without the identity. So a problem found in a hook is kept as ``pending error`` and a
+pre-hook on the model wrapper (``p.sd_model.model``) raises it at the first UNet call: the
+generation stops with the message (red text in the UI, the ``errors`` field of an API error).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import List, Optional
+
+from .. import image_input
+from .. import units as U
+from ..errors import IdentityError
+from ..unet import PatchSession, remove_sessions
+from ..unit_infotext import write_infotext
+from . import folders, settings
+
+log = logging.getLogger("sd-webui-identity")
+
+OWNER = "sd-webui-identity"
+
+
+class _State:
+    """What the current generation installed; module level, so a reloaded script finds it."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.resolved: List[U.ResolvedUnit] = []
+        self.session: Optional[PatchSession] = None
+        self.gate = None  # hook handle on sd_model.model that raises the pending error
+        self.error: Optional[BaseException] = None
+        self.cfg_callback = None
+
+
+state = _State()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def find_encoder_status(need: str):
+    """``(found, where-or-what-to-do)`` for a model's helper (CLIP encoder, face models, IdentityNet)."""
+    try:
+        return True, find_encoder_for_run(need)
+    except IdentityError as e:
+        return False, str(e)
+
+
+def find_encoder_for_run(need: str):
+    """What ``units.validate_for_run`` calls: the helper's path, or an ``IdentityError`` saying where to put it."""
+    from ..encoders import find_encoder
+
+    if need.startswith("clip-"):
+        return find_encoder(need, folders.model_folders())
+    raise IdentityError(U.ENCODER_HELP.get(need, "not supported in this version"))
+
+
+def _decode_image(text: str):
+    return image_input.decode_image_string(text)
+
+
+def _upload_opener():
+    import tempfile
+
+    roots = []
+    try:
+        from modules import shared
+
+        if shared.opts.data.get("temp_dir"):
+            roots.append(shared.opts.data["temp_dir"])
+    except Exception:  # noqa: BLE001
+        pass
+    import os
+
+    roots.append(os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio"))
+    return image_input.upload_opener(roots)
+
+
+def _cond_rows(text_cond) -> int:
+    if isinstance(text_cond, dict):
+        text_cond = text_cond.get("crossattn")
+    return int(text_cond.shape[0])
+
+
+# ---------------------------------------------------------------------------- lifecycle
+
+
+def cleanup():
+    """Remove everything a previous generation may have left: sessions, callbacks, the gate."""
+    from modules import script_callbacks
+
+    with state.lock:
+        remove_sessions(OWNER)
+        state.session = None
+        if state.cfg_callback is not None:
+            script_callbacks.remove_callbacks_for_function(state.cfg_callback)
+            state.cfg_callback = None
+        if state.gate is not None:
+            state.gate.remove()
+            state.gate = None
+        state.error = None
+        state.resolved = []
+
+
+def _fail(p, error: BaseException):
+    """Stop this generation with ``error`` at the first UNet call (see the module docstring)."""
+    print(f"[identity] {error}")
+    state.error = error
+    if state.gate is None:
+        def gate(module, args):
+            if state.error is not None:
+                raise state.error
+        state.gate = p.sd_model.model.register_forward_pre_hook(gate)
+
+
+def units_for(p, args) -> List[U.Unit]:
+    """The script args plus any X/Y/Z overrides of this cell, as Units."""
+    units = U.parse_script_args(args, unit_count=settings.unit_count(), decode_image=_decode_image,
+                                open_upload=_upload_opener())
+    overrides = getattr(p, "identity_overrides", None)
+    if overrides:
+        units = U.apply_overrides(units, overrides)
+    return units
+
+
+def process(p, args):
+    """``Script.process``: parse, check, write infotext. Nothing heavy happens before sampling."""
+    cleanup()
+    try:
+        units = units_for(p, args)
+        if not any(u.enabled for u in units):
+            write_infotext(p.extra_generation_params, [])
+            return
+        from .ui import loaded_base
+
+        resolved = U.validate_for_run(
+            units,
+            base=loaded_base(),
+            find_model=folders.find_model,
+            find_encoder=find_encoder_for_run,
+            model_names=lambda: [e.name for e in folders.list_models() if e.usable],
+        )
+        titles = {r.number: r.unit.model for r in resolved}
+        write_infotext(p.extra_generation_params, units, model_titles=titles)
+        state.resolved = resolved
+    except IdentityError as e:
+        write_infotext(p.extra_generation_params, [])
+        _fail(p, e)
+
+
+def before_sampling(p):
+    """``Script.process_before_every_sampling`` (first pass, hires pass, img2img)."""
+    if not state.resolved or state.error is not None:
+        return
+    from modules import devices, script_callbacks
+
+    from ..encoders import set_offload_policy
+    from ..methods import ip_adapter
+
+    try:
+        if state.session is not None:
+            state.session.remove()
+            state.session = None
+        set_offload_policy(settings.option("identity_encoder_offload"))
+        unet = p.sd_model.model.diffusion_model
+        prompts = [ip_adapter.prepare(r, device=devices.device, dtype=devices.dtype_unet) for r in state.resolved]
+        session = PatchSession(unet, prompts, owner=OWNER).install()
+        state.session = session
+
+        def on_cfg_denoiser(params):
+            denoiser = params.denoiser
+            progress = None
+            if denoiser is not None and getattr(denoiser, "total_steps", None):
+                progress = denoiser.step / denoiser.total_steps
+            session.begin_step(_cond_rows(params.text_cond), progress, n_rows=int(params.x.shape[0]))
+
+        if state.cfg_callback is not None:
+            script_callbacks.remove_callbacks_for_function(state.cfg_callback)
+        state.cfg_callback = on_cfg_denoiser
+        script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
+    except IdentityError as e:
+        _fail(p, e)
+    except Exception as e:  # noqa: BLE001 - anything else must still stop the run, with its cause
+        log.exception("identity: preparing the units failed")
+        _fail(p, IdentityError(f"Identity: preparing the units failed: {type(e).__name__}: {e}"))
+
+
+def end_pass(p):
+    """``Script.post_sample``: sampling is over; take the patch away before decoding."""
+    with state.lock:
+        if state.session is not None:
+            state.session.remove()
+            state.session = None
+
+
+def finish(p):
+    """``Script.postprocess``."""
+    cleanup()

@@ -1,0 +1,65 @@
+"""The AlwaysOn script's behaviour (``scripts/identity.py`` only binds it to ``modules.scripts.Script``)."""
+
+from __future__ import annotations
+
+from . import runtime
+
+TITLE = "Identity"  # the API key of alwayson_scripts; never change it
+
+
+class IdentityScript:
+    """Mixin for the WebUI's Script class; not a Script subclass itself, so the WebUI registers only one."""
+
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        from modules import scripts
+
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        from . import ui
+
+        return ui.build(self, is_img2img)
+
+    def process(self, p, *args):
+        runtime.process(p, args)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        runtime.before_sampling(p)
+
+    def post_sample(self, p, ps, *args):
+        runtime.end_pass(p)
+
+    def postprocess(self, p, processed, *args):
+        runtime.finish(p)
+
+
+def register_callbacks():
+    """Called each time the WebUI executes ``scripts/identity.py`` (it clears callbacks on reload)."""
+    from modules import script_callbacks
+
+    from . import api, settings, xyz
+    from ..unit_infotext import expand_infotext
+
+    def on_infotext_pasted(infotext, params):
+        expand_infotext(params, unit_count=settings.unit_count())
+
+    def on_unloaded():
+        runtime.cleanup()
+        from ..encoders import release_encoders
+        from ..methods import ip_adapter
+
+        release_encoders()
+        ip_adapter.release()
+
+    def on_model_loaded(sd_model):
+        runtime.cleanup()
+
+    script_callbacks.on_ui_settings(settings.register)
+    script_callbacks.on_app_started(api.register)
+    script_callbacks.on_infotext_pasted(on_infotext_pasted)
+    script_callbacks.on_script_unloaded(on_unloaded)
+    script_callbacks.on_model_loaded(on_model_loaded)
+    script_callbacks.on_before_ui(xyz.register)

@@ -1,0 +1,72 @@
+"""X/Y/Z plot axes: every axis field of every unit ("[Identity] Unit 2 weight").
+
+A cell's values go to ``p.identity_overrides`` (a new dict per cell: ``copy(p)`` shares
+attributes between cells) and are applied by ``runtime.units_for`` through the Unit parser.
+"""
+
+from __future__ import annotations
+
+from .. import units as U
+from . import settings
+
+LABEL = "[Identity] Unit {number} {field}"
+_TYPES = {"weight": float, "start": float, "end": float}
+
+
+def _find_xyz_module():
+    from modules import scripts
+
+    for data in scripts.scripts_data:
+        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid"):
+            return data.module
+    return None
+
+
+def _apply(field, number):
+    def apply(p, value, xs):
+        overrides = dict(getattr(p, "identity_overrides", None) or {})
+        overrides[(field, number)] = value
+        p.identity_overrides = overrides
+
+    return apply
+
+
+def _confirm(field, number):
+    def confirm(p, xs):
+        for value in xs:
+            U.parse_axis_value(field, value, number)  # UnitError names unit, field and the value
+
+    return confirm
+
+
+def _choices(field):
+    if field == "model":
+        def models():
+            from .ui import model_choices
+
+            return model_choices()[1:]
+        return models
+    options = U.axis_choices(field)
+    return (lambda: list(options)) if options else None
+
+
+def register():
+    """Add the axes once per script load (the xyz module is loaded before extension scripts)."""
+    xyz = _find_xyz_module()
+    if xyz is None:
+        return
+    existing = {getattr(o, "label", None) for o in xyz.axis_options}
+    for number in range(1, settings.unit_count() + 1):
+        for field in U.AXIS_FIELDS:
+            label = LABEL.format(number=number, field=field.replace("_", " "))
+            if label in existing:
+                continue
+            xyz.axis_options.append(
+                xyz.AxisOption(
+                    label,
+                    _TYPES.get(field, str),
+                    _apply(field, number),
+                    confirm=_confirm(field, number),
+                    choices=_choices(field),
+                )
+            )
