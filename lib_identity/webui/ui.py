@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import List, Optional
 
 from .. import units as U
-from ..formats import describe_encoder
 from . import folders, settings
 
 # Fields that pasted infotext restores (images, masks and negative images are pictures: the
