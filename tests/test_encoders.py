@@ -677,3 +677,18 @@ def test_a_changed_file_is_a_new_encoder(tmp_path):
     second, _ = encode_images(folder, pictures(1), "image_embeds", **kw)
     assert not torch.allclose(first, second)
     assert len(kw["registry"].loaded()) == 1
+
+
+def test_cache_resize_and_off():
+    import torch
+
+    from lib_identity.encoders import EncodingCache
+
+    cache = EncodingCache(max_entries=4)
+    for i in range(4):
+        cache.put(i, torch.zeros(2))
+    cache.resize(2)
+    assert len(cache) == 2 and 3 in cache and 0 not in cache  # the oldest went first
+    cache.resize(0)
+    cache.put("new", torch.zeros(2))
+    assert len(cache) == 0 and cache.get("new") is None

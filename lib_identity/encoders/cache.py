@@ -33,8 +33,8 @@ class EncodingCache:
     """Least-recently-used encoder outputs, bounded by entry count and by bytes."""
 
     def __init__(self, max_entries: int = 256, max_bytes: int = 512 * 1024 * 1024):
-        if max_entries < 1 or max_bytes < 1:
-            raise ValueError("the encoding cache needs room for at least one entry")
+        if max_entries < 0 or max_bytes < 1:
+            raise ValueError("the encoding cache needs a size of 0 (off) or more entries")
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._items: "OrderedDict[Hashable, object]" = OrderedDict()
@@ -57,8 +57,8 @@ class EncodingCache:
             old = self._items.pop(key, None)
             if old is not None:
                 self._bytes -= old.element_size() * old.nelement()
-            if size > self.max_bytes:
-                return  # larger than the whole cache: not kept
+            if size > self.max_bytes or self.max_entries == 0:
+                return  # larger than the whole cache, or the cache is off: not kept
             self._items[key] = value
             self._bytes += size
             while len(self._items) > self.max_entries or self._bytes > self.max_bytes:
@@ -69,6 +69,16 @@ class EncodingCache:
         with self._lock:
             self._items.clear()
             self._bytes = 0
+
+    def resize(self, max_entries: int) -> None:
+        """A new entry bound (the WebUI setting); 0 keeps nothing. The oldest entries go first."""
+        if max_entries < 0:
+            raise ValueError("the encoding cache size must be 0 or more")
+        with self._lock:
+            self.max_entries = int(max_entries)
+            while len(self._items) > self.max_entries:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= dropped.element_size() * dropped.nelement()
 
     def __len__(self) -> int:
         return len(self._items)

@@ -95,7 +95,7 @@ def prepare(resolved, *, device, dtype, encoder_path: Optional[str] = None) -> I
     encoder = encoder_path or resolved.encoders.get(info.image_encoder)
     image_proj, ip_layers = adapters.get(info, entry.path)
     prep = Preparation(mode=unit.preparation, crop_position=unit.crop_position)
-    cond, uncond = encode_images(encoder, list(unit.images), output, prep, device=device, dtype=torch.float32,
+    cond, uncond = encode_images(encoder, list(unit.images), output, prep, device=device, dtype=dtype,
                                  uncond=_uncond_input(unit), encoder_id=info.image_encoder)
     mode = _combine_mode(unit.combine)
     if mode != "concat" and cond.shape[0] > 1:
