@@ -1,0 +1,1 @@
+"""WebUI-side glue: the only part of lib_identity that imports the WebUI's `modules` and gradio."""
