@@ -7,7 +7,7 @@ An entry looks like (the WebUI JSON-quotes the whole value, because it holds ``,
 
 Inside, ``key: value`` pairs; a value holding ``,``, ``:`` or ``"`` is JSON-quoted itself
 (custom layer weights, odd model names). Optional keys appear only when they differ from the
-default: ``image weights`` (combine 'weighted'), ``crop position``, ``uncond``, ``mask`` and
+default: ``image weights`` (combine 'weighted average'), ``crop position``, ``uncond``, ``mask`` and
 ``negative image`` (content hashes). Images are recorded by ``image_input.image_hash``, so
 pasting says which pictures to add; pixels are never written.
 
@@ -27,6 +27,7 @@ from .units import (
     CUSTOM_LAYERS,
     INFOTEXT,
     LAYER_PRESETS,
+    WEIGHTED,
     Unit,
     _Context,
     _fmt,
@@ -74,7 +75,7 @@ def format_unit(unit: Unit, model_title: Optional[str] = None) -> str:
     """The infotext value of one unit (before the WebUI's own quoting)."""
     pairs = [("model", model_title or unit.model or "None"), ("weight", _fmt(unit.weight)),
              ("start", _fmt(unit.start)), ("end", _fmt(unit.end)), ("combine", unit.combine)]
-    if unit.combine == "weighted":
+    if unit.combine == WEIGHTED:
         pairs.append(("image weights", _numbers(unit.image_weights, "+")))
     pairs.append(("preparation", unit.preparation))
     if unit.preparation == "crop" and unit.crop_position != "center":

@@ -11,7 +11,7 @@ it accepts, for messages and the README) and a line of help. Adding a field is o
 the API accepts it, the UI layout (``UI_FIELDS``) gains it at the end of the unit's block,
 and unknown API fields keep being refused.
 
-Pure Python: no WebUI, gradio or torch imports. Images are PIL images.
+No WebUI or gradio imports. Images are PIL images.
 """
 
 from __future__ import annotations
@@ -28,22 +28,18 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from . import image_input
 from .errors import IdentityError, UnitError
 from .formats import CROSS_ATTENTION_LAYERS, describe_encoder
+from .unet.layer_weights import PRESETS
+from .unet.references import COMBINE_MODES as REFERENCE_COMBINE_MODES
 
 # ---------------------------------------------------------------------------- choices
 
-# Names of the layer-weight presets. The UNet code maps each name to per-layer weights and
-# imports this tuple, so the UI, the API, infotext and X/Y/Z all offer the same set.
-LAYER_PRESETS = (
-    "all",
-    "style",
-    "composition",
-    "style and composition",
-    "strong style",
-    "strong style and composition",
-)
+# The layer-weight presets and combine modes are named where they are implemented, so the UI,
+# the API, infotext and X/Y/Z offer exactly what the UNet code does.
+LAYER_PRESETS = PRESETS  # defined with their block choices in lib_identity.unet.layer_weights
 CUSTOM_LAYERS = "custom"  # the preset name that means "use layer_weights"
 LAYER_PRESET_CHOICES = LAYER_PRESETS + (CUSTOM_LAYERS,)
-COMBINE_MODES = ("average", "weighted", "concat")
+COMBINE_MODES = REFERENCE_COMBINE_MODES  # lib_identity.unet.references
+WEIGHTED = "weighted average"
 PREPARATIONS = ("crop", "pad", "squash")
 CROP_POSITIONS = ("center", "top", "bottom", "left", "right")
 UNCOND_MODES = ("zero", "noise", "image")
@@ -360,7 +356,7 @@ class Unit:
     image_weights: Tuple[float, ...] = _field(
         (),
         _Numbers(*IMAGE_WEIGHT_RANGE, most=MAX_IMAGES, empty=(), each="reference image"),
-        "how much each reference image counts when combine is 'weighted' (default 1 each)",
+        "how much each reference image counts when combine is 'weighted average' (default 1 each)",
     )
     weight: float = _field(1.0, _Number(*WEIGHT_RANGE), "strength of the unit; negative pushes away from the reference", axis=True)
     start: float = _field(0.0, _Number(0.0, 1.0), "fraction of the sampling steps where the unit starts acting", axis=True)
@@ -368,7 +364,7 @@ class Unit:
     combine: str = _field("average", _Choice(COMBINE_MODES), "how several reference images are combined", axis=True)
     preparation: str = _field("crop", _Choice(PREPARATIONS), "how a reference image is fitted to the encoder's square input")
     crop_position: str = _field("center", _Choice(CROP_POSITIONS), "which part a 'crop' preparation keeps")
-    layer_preset: str = _field("all", _Choice(LAYER_PRESET_CHOICES), "which UNet layers get the identity ('custom': layer_weights)", axis=True)
+    layer_preset: str = _field("standard", _Choice(LAYER_PRESET_CHOICES), "which UNet layers get the identity ('custom': layer_weights)", axis=True)
     layer_weights: Optional[Tuple[float, ...]] = _field(
         None,
         _Numbers(*LAYER_WEIGHT_RANGE, most=MAX_LAYER_WEIGHTS, empty=None, each="cross-attention layer"),
@@ -538,10 +534,10 @@ def _finish(values: dict, number: int, source: str, given: set, **extra) -> Unit
     elif not w:
         w = (1.0,) * n
     elif len(w) != n:
-        if v["combine"] == "weighted":
+        if v["combine"] == WEIGHTED:
             raise UnitError(number, "image_weights", f"expected one weight per reference image ({n}), got {len(w)}")
         w = (1.0,) * n  # only 'weighted' reads them; a stale list elsewhere is harmless
-    if v["combine"] == "weighted" and n and not any(w):
+    if v["combine"] == WEIGHTED and n and not any(w):
         raise UnitError(number, "image_weights", "all image weights are 0; at least one must be above 0")
     v["image_weights"] = tuple(w)
     return Unit(**v, **extra)

@@ -78,7 +78,7 @@ def clip_embeds(clip, images):
 def test_tokens_are_the_official_projection_of_the_clip_embedding(setup):
     clip, tensors, _, _ = setup
     img = picture(1)
-    resolved = resolve(setup, images=[b64(img)], weight=0.7, start=0.1, end=0.8, layer_preset="all")
+    resolved = resolve(setup, images=[b64(img)], weight=0.7, start=0.1, end=0.8, layer_preset="standard")
     prompt = ip_adapter.prepare(resolved, device="cpu", dtype=torch.float32)
     want = official_tokens(tensors, clip_embeds(clip, [img]))
     torch.testing.assert_close(prompt.cond_tokens, want, atol=1e-5, rtol=1e-5)
@@ -100,7 +100,7 @@ def test_weighted_average_and_concat(setup):
     clip, tensors, _, _ = setup
     a, b = picture(4), picture(5)
     emb = clip_embeds(clip, [a, b])
-    weighted = ip_adapter.prepare(resolve(setup, images=[b64(a), b64(b)], combine="weighted", image_weights=[3, 1]),
+    weighted = ip_adapter.prepare(resolve(setup, images=[b64(a), b64(b)], combine="weighted average", image_weights=[3, 1]),
                                   device="cpu", dtype=torch.float32)
     torch.testing.assert_close(weighted.cond_tokens, official_tokens(tensors, (0.75 * emb[0] + 0.25 * emb[1])[None]),
                                atol=1e-5, rtol=1e-5)

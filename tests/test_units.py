@@ -59,7 +59,7 @@ def ui_block(**fields):
     """One unit's positional values, as the accordion sends them (defaults where not given)."""
     ui_defaults = {
         "enabled": False, "model": "None", "images": None, "image_weights": "", "weight": 1.0, "start": 0.0, "end": 1.0,
-        "combine": "average", "preparation": "crop", "crop_position": "center", "layer_preset": "all",
+        "combine": "average", "preparation": "crop", "crop_position": "center", "layer_preset": "standard",
         "layer_weights": "", "mask": None, "uncond": "zero", "negative_image": None,
     }
     assert set(ui_defaults) == set(U.UI_FIELDS), "the test's UI layout must follow UI_FIELDS"
@@ -90,7 +90,7 @@ def test_api_unit_with_every_field_is_normalised():
     unit = U.Unit.from_api(
         {
             "enabled": True, "model": " ip-adapter_sd15 [0123abcd] ", "images": [data_url(ref), b64(encoded(ref2))],
-            "image_weights": [1, 0.5], "weight": "-0.5", "start": 0.1, "end": 0.9, "combine": "Weighted",
+            "image_weights": [1, 0.5], "weight": "-0.5", "start": 0.1, "end": 0.9, "combine": "Weighted_Average",
             "preparation": "PAD", "crop_position": "top", "layer_preset": "Style_and_Composition",
             "mask": data_url(mask), "negative_image": data_url(neg),
         },
@@ -98,7 +98,7 @@ def test_api_unit_with_every_field_is_normalised():
     )
     assert unit.model == "ip-adapter_sd15 [0123abcd]"
     assert unit.weight == -0.5 and (unit.start, unit.end) == (0.1, 0.9)
-    assert (unit.combine, unit.preparation, unit.crop_position) == ("weighted", "pad", "top")
+    assert (unit.combine, unit.preparation, unit.crop_position) == ("weighted average", "pad", "top")
     assert unit.layer_preset == "style and composition" and unit.layer_weights is None
     assert unit.image_weights == (1.0, 0.5)
     # a negative image without uncond means uncond 'image'
@@ -110,7 +110,7 @@ def test_api_unit_with_every_field_is_normalised():
 def test_api_defaults_enabled_true_and_null_means_default():
     unit = U.Unit.from_api({"model": "m", "images": [data_url(picture())], "weight": None, "combine": None}, 1)
     assert unit.enabled is True and unit.weight == 1.0 and unit.combine == "average"
-    assert unit.image_weights == (1.0,) and unit.layer_preset == "all" and unit.uncond == "zero"
+    assert unit.image_weights == (1.0,) and unit.layer_preset == "standard" and unit.uncond == "zero"
     assert U.Unit.from_api({"enabled": False}, 1).enabled is False
 
 
@@ -171,7 +171,7 @@ def test_api_refuses_unknown_fields_and_names_the_valid_ones():
         ("enabled", 2, "expected true or false"),
         ("model", 5, "a model name"),
         ("model", "bad\nname", "a model name"),
-        ("combine", "sum", "one of 'average', 'weighted', 'concat'"),
+        ("combine", "sum", "one of 'concat', 'average', 'weighted average'"),
         ("preparation", "stretch", "one of 'crop', 'pad', 'squash'"),
         ("crop_position", "middle", "'center'"),
         ("layer_preset", "loud", "'style and composition'"),
@@ -199,11 +199,11 @@ def test_api_cross_field_rules():
     unit = U.Unit.from_api({"layer_preset": "custom", "layer_weights": [1, 0]}, 1)
     assert unit.layer_weights == (1.0, 0.0)
     fails(lambda: U.Unit.from_api({"layer_preset": "custom"}, 1), 1, "layer_weights", "'custom'")
-    fails(lambda: U.Unit.from_api({"layer_preset": "style", "layer_weights": [1]}, 1), 1, "layer_weights", "leave out layer_preset 'style'")
+    fails(lambda: U.Unit.from_api({"layer_preset": "style transfer", "layer_weights": [1]}, 1), 1, "layer_weights", "leave out layer_preset 'style transfer'")
     fails(lambda: U.Unit.from_api({"uncond": "image"}, 1), 1, "negative_image", "needed")
     fails(lambda: U.Unit.from_api({"uncond": "noise", "negative_image": one[0]}, 1), 1, "negative_image", "uncond 'noise'")
-    fails(lambda: U.Unit.from_api({"images": one, "combine": "weighted", "image_weights": [1, 2]}, 4), 4, "image_weights", "one weight per reference image (1), got 2")
-    fails(lambda: U.Unit.from_api({"images": one, "combine": "weighted", "image_weights": [0]}, 1), 1, "image_weights", "all image weights are 0")
+    fails(lambda: U.Unit.from_api({"images": one, "combine": "weighted average", "image_weights": [1, 2]}, 4), 4, "image_weights", "one weight per reference image (1), got 2")
+    fails(lambda: U.Unit.from_api({"images": one, "combine": "weighted average", "image_weights": [0]}, 1), 1, "image_weights", "all image weights are 0")
     # the weights are read only by 'weighted'; elsewhere a stale list does no harm
     assert U.Unit.from_api({"images": one, "image_weights": [1, 2]}, 1).image_weights == (1.0,)
 
@@ -355,7 +355,7 @@ def test_ui_mask_from_the_image_editor_and_from_alpha():
 
 
 def test_ui_keeps_stale_values_out():
-    unit = U.Unit.from_ui(ui_block(layer_preset="style", layer_weights="1, 0, 1", negative_image=picture(), uncond="noise"), 1)
+    unit = U.Unit.from_ui(ui_block(layer_preset="style transfer", layer_weights="1, 0, 1", negative_image=picture(), uncond="noise"), 1)
     assert unit.layer_weights is None and unit.negative_image is None and unit.uncond == "noise"
     unit = U.Unit.from_ui(ui_block(layer_preset="custom", layer_weights="1, 0, 1"), 1)
     assert unit.layer_weights == (1.0, 0.0, 1.0)
@@ -453,7 +453,7 @@ def test_override_errors():
     fails(lambda: U.apply_overrides(units, {("end", 1): 0.1}), 1, "end", "above start (0.2)")
     fails(lambda: U.apply_overrides(units, {("weight", 4): 1}), 4, "weight", "there is no unit 4; there are 3")
     fails(lambda: U.apply_overrides(units, {("images", 1): []}), 1, "images", "cannot be set per X/Y/Z cell")
-    fails(lambda: U.apply_overrides(units, {("layer_preset", 1): "loud"}), 1, "layer_preset", "'strong style'")
+    fails(lambda: U.apply_overrides(units, {("layer_preset", 1): "loud"}), 1, "layer_preset", "'strong style transfer'")
     fails(lambda: U.apply_overrides(units, {("layer_preset", 1): "custom"}), 1, "layer_weights", "'custom'")
 
 
@@ -461,8 +461,8 @@ def test_override_layers_and_enabled():
     units = three_units()
     custom = U.apply_overrides(units, {("layer_weights", 1): "0, 1"})[0]
     assert (custom.layer_preset, custom.layer_weights) == ("custom", (0.0, 1.0))
-    back = U.apply_overrides([custom], {("layer_preset", 1): "strong style"})[0]
-    assert (back.layer_preset, back.layer_weights) == ("strong style", None)
+    back = U.apply_overrides([custom], {("layer_preset", 1): "strong style transfer"})[0]
+    assert (back.layer_preset, back.layer_weights) == ("strong style transfer", None)
     assert U.apply_overrides(units, {("enabled", 3): "false"})[2].enabled is False
 
 
@@ -471,7 +471,7 @@ def test_axis_helpers():
     assert U.axis_choices("combine") == list(U.COMBINE_MODES)
     assert U.axis_choices("layer_preset") == list(U.LAYER_PRESETS)
     assert U.axis_choices("model", ["a", "b"]) == ["a", "b"] and U.axis_choices("weight") is None
-    assert U.parse_axis_value("layer_preset", "Strong Style", 2) == "strong style"
+    assert U.parse_axis_value("layer_preset", "Strong Style Transfer", 2) == "strong style transfer"
     fails(lambda: U.parse_axis_value("weight", "x", 2), 2, "weight", "from -1 to 3")
 
 
@@ -514,10 +514,10 @@ def rich_units():
     mask = Image.new("L", (40, 32), 0)
     mask.paste(255, (0, 0, 10, 10))
     return [
-        U.Unit.from_api({"model": "ip-adapter_sd15", "images": [data_url(r) for r in refs], "weight": 0.8, "layer_preset": "style"}, 1),
+        U.Unit.from_api({"model": "ip-adapter_sd15", "images": [data_url(r) for r in refs], "weight": 0.8, "layer_preset": "style transfer"}, 1),
         U.Unit.from_api({"enabled": False, "model": "off"}, 2),
         U.Unit.from_api(
-            {"model": 'odd, name: "v2"', "images": [data_url(refs[0])], "image_weights": [0.5], "combine": "weighted", "weight": -0.25,
+            {"model": 'odd, name: "v2"', "images": [data_url(refs[0])], "image_weights": [0.5], "combine": "weighted average", "weight": -0.25,
              "start": 0.15, "end": 0.65, "preparation": "crop", "crop_position": "left", "layer_weights": [0, 0.5, 1, 2.75],
              "negative_image": data_url(picture(22)), "mask": data_url(mask)},
             3,
@@ -535,7 +535,7 @@ def test_infotext_lists_enabled_units_only():
     assert list(info) == ["Identity 1", "Identity 3", "Identity 4"]
     assert info["Identity 1"] == (
         "model: ip-adapter_sd15 [0123abcd], weight: 0.8, start: 0.0, end: 1.0, combine: average, preparation: crop, "
-        f"layers: style, images: {'+'.join(units[0].image_hashes)}"
+        f"layers: style transfer, images: {'+'.join(units[0].image_hashes)}"
     )
 
 
@@ -572,7 +572,7 @@ def test_infotext_from_still_quoted_values_and_key_order():
     units = rich_units()[:1]
     value = units_to_infotext(units)["Identity 1"]
     entry = units_from_infotext({"Identity 1": webui_quote(value)})[0]
-    assert entry["fields"]["weight"] == 0.8 and entry["fields"]["layer_preset"] == "style"
+    assert entry["fields"]["weight"] == 0.8 and entry["fields"]["layer_preset"] == "style transfer"
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,7 @@ def prepare(resolved, *, device, dtype, encoder_path: Optional[str] = None) -> I
     prep = Preparation(mode=unit.preparation, crop_position=unit.crop_position)
     cond, uncond = encode_images(encoder, list(unit.images), output, prep, device=device, dtype=dtype,
                                  uncond=_uncond_input(unit), encoder_id=info.image_encoder)
-    mode = _combine_mode(unit.combine)
+    mode = unit.combine
     if mode != "concat" and cond.shape[0] > 1:
         # averaged before the projection, as ComfyUI_IPAdapter_plus combines embeddings
         weights = unit.image_weights if mode == "weighted average" else None
@@ -138,10 +138,6 @@ def _project(image_proj: torch.nn.Module, x: torch.Tensor, device, dtype) -> tor
     finally:
         image_proj.to(device=home_device, dtype=home_dtype)
     return out.to(dtype)
-
-
-def _combine_mode(name: str) -> str:
-    return {"weighted": "weighted average"}.get(name, name)
 
 
 def _layer_weights(unit):

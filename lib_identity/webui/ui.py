@@ -135,7 +135,7 @@ def _unit_block(gr, ToolButton, number, eid, choices):
         c["crop_position"] = gr.Dropdown(label="Keep", choices=list(U.CROP_POSITIONS), value="center",
                                          elem_id=eid(f"unit{number}_crop_position"))
     with gr.Row():
-        c["layer_preset"] = gr.Dropdown(label="Layers", choices=list(U.LAYER_PRESET_CHOICES), value="all",
+        c["layer_preset"] = gr.Dropdown(label="Layers", choices=list(U.LAYER_PRESET_CHOICES), value="standard",
                                         elem_id=eid(f"unit{number}_layer_preset"))
         c["layer_weights"] = gr.Textbox(label="Weight per cross-attention layer (16 SD1.5 / 70 SDXL)", visible=False,
                                         placeholder="0, 0, 1, …", elem_id=eid(f"unit{number}_layer_weights"))
@@ -155,7 +155,7 @@ def _unit_block(gr, ToolButton, number, eid, choices):
     refresh.click(on_refresh, inputs=[c["model"]], outputs=[c["model"], c["status"]], show_progress=False)
     c["model"].change(model_status, inputs=[c["model"]], outputs=[c["status"]], show_progress=False)
     c["images"].change(_preview, inputs=[c["images"]], outputs=[preview], show_progress=False)
-    c["combine"].change(lambda m: gr.update(visible=m == "weighted"), inputs=[c["combine"]], outputs=[c["image_weights"]])
+    c["combine"].change(lambda m: gr.update(visible=m == U.WEIGHTED), inputs=[c["combine"]], outputs=[c["image_weights"]])
     c["preparation"].change(lambda m: gr.update(visible=m == "crop"), inputs=[c["preparation"]], outputs=[c["crop_position"]])
     c["layer_preset"].change(lambda m: gr.update(visible=m == U.CUSTOM_LAYERS), inputs=[c["layer_preset"]],
                              outputs=[c["layer_weights"]])
