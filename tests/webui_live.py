@@ -92,6 +92,31 @@ def decode_images(result: dict) -> list:
     return [Image.open(io.BytesIO(base64.b64decode(b64))) for b64 in result["images"]]
 
 
+# Random-weight identity models the live tests use, in the official layouts, written at start.
+LIVE_MODELS = {
+    # name -> (manifest, real random tensors or a sparse layout-only file)
+    "ip-adapter_sd15.safetensors": ("ip-adapter_sd15", "random"),
+    "ip-adapter-plus_sd15.safetensors": ("ip-adapter-plus_sd15", "random"),
+    "clip_vision/CLIP-ViT-H-14.safetensors": ("clip_vision_vit-h", "random"),
+    "ip-adapter_sdxl.safetensors": ("ip-adapter_sdxl", "layout"),  # wrong base for an SD1.5 checkpoint
+    "ip-adapter_sd15_vit-G.safetensors": ("ip-adapter_sd15_vit-G", "layout"),  # its ViT-bigG encoder is missing
+}
+
+
+def write_live_models(folder: Path):
+    """Write ``LIVE_MODELS`` below ``folder`` (given to the WebUI as --identity-models-dir)."""
+    import torch
+
+    from checkpoints import manifest_keys, write_layout, write_random
+
+    for name, (manifest_name, kind) in LIVE_MODELS.items():
+        path = folder / name
+        if kind == "random":
+            write_random(manifest_keys(manifest_name), path, dtype=torch.float16, std=0.02, seed=len(name))
+        else:
+            write_layout(manifest_keys(manifest_name), path)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -121,6 +146,7 @@ class WebUIServer:
         self.process = None
         self._tmp = None
         self.log_path = None
+        self.identity_models = None
 
     @classmethod
     def from_env(cls) -> "WebUIServer":
@@ -164,6 +190,8 @@ class WebUIServer:
         if self.checkpoint:
             settings["sd_model_checkpoint"] = self.checkpoint
         (data / "config.json").write_text(json.dumps(settings))
+        write_live_models(data / "identity-models")
+        self.identity_models = data / "identity-models"
         return data
 
     def start(self) -> "WebUIServer":
@@ -173,7 +201,8 @@ class WebUIServer:
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         args = [self.python, "launch.py", *BASE_ARGS, "--port", str(self.port),
-                "--data-dir", str(data), "--models-dir", str(self.models_dir), *self.extra_args]
+                "--data-dir", str(data), "--models-dir", str(self.models_dir),
+                "--identity-models-dir", str(self.identity_models), *self.extra_args]
         env = dict(os.environ)
         env["GRADIO_ANALYTICS_ENABLED"] = "False"
         env.pop("COMMANDLINE_ARGS", None)  # launch.py would append it to our arguments
