@@ -431,7 +431,8 @@ def _detect_ip_adapter(layout: Layout, names: str) -> ModelInfo:
         have = len(_layer_indices(ip, "to_q_lora.down.weight"))
         if have != want:
             _fail(layout.path, f"FaceID LoRA: {have} attention layers carry LoRA, {base.upper()} has {want}")
-    params = {"cross_attention_dim": C, "ip_layers": len(idx)}
+    # ip_hidden_sizes: the UNet width of each cross-attention, in layer order (to_k_ip rows).
+    params = {"cross_attention_dim": C, "ip_layers": len(idx), "ip_hidden_sizes": [ip[f"{i}.to_k_ip.weight"][0] for i in idx]}
     hints: List[str] = []
     sfx = "_" + base
 
@@ -618,13 +619,21 @@ def _detect_photomaker(layout: Layout) -> ModelInfo:
         "projection_dim": enc["visual_projection.weight"][0],
         "projection_dim_2": enc["visual_projection_2.weight"][0],
         "lora_layers": len(downs) // 4,
+        # the embedded CLIP vision tower; CLIP ViTs use heads of 64 (ViT-L/14: 16 heads)
+        "vision_layers": len({k.split(".")[3] for k in enc if k.startswith("vision_model.encoder.layers.")}),
+        "vision_intermediate": enc["vision_model.encoder.layers.0.mlp.fc1.weight"][0],
+        "vision_heads": hidden // 64,
+        "patch_size": enc["vision_model.embeddings.patch_embedding.weight"][-1],
+        "image_size": int(round((enc["vision_model.embeddings.position_embedding.weight"][0] - 1) ** 0.5))
+        * enc["vision_model.embeddings.patch_embedding.weight"][-1],
+        "fuse_dim": enc["fuse_module.layer_norm.weight"][0],
     }
     if v2:
         pr = {k[len("qformer_perceiver."):]: v for k, v in enc.items() if k.startswith("qformer_perceiver.")}
         perceiver = _resampler_params(pr, "perceiver_resampler.")
         # to_q is 2048 wide either way; the official module uses 16 heads of 128.
-        perceiver.update(dim_head=128, heads=perceiver["dim"] // 128)
-        params.update(id_embeddings_dim=pr["token_proj.0.weight"][1], num_tokens=pr["token_proj.2.weight"][0] // pr["token_norm.weight"][0], perceiver=perceiver)
+        perceiver.update(dim_head=128, heads=perceiver["heads"] * 64 // 128)
+        params.update(id_embeddings_dim=pr["token_proj.0.weight"][1], hidden_dim=pr["token_proj.0.weight"][0], num_tokens=pr["token_proj.2.weight"][0] // pr["token_norm.weight"][0], perceiver=perceiver)
     return ModelInfo(
         family="photomaker",
         variant="photomaker-v2" if v2 else "photomaker-v1",
