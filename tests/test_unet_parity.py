@@ -4,10 +4,12 @@ Both worlds get the same things:
 
 * a tiny UNet with the SD1.5 or SDXL *block structure* (16 / 70 cross-attentions), built from
   the WebUI's ldm classes and converted into diffusers' ``UNet2DConditionModel``;
-* the same adapter file, written in the official key layout (``image_proj.*``,
-  ``ip_adapter.<2m+1>.to_{k,v}_ip.weight``) at small widths: full official widths would need
-  the full-size UNet (hidden 320…1280, context 768/2048) and gigabytes of random weights for the
-  same code path;
+* the same adapter file in the official key layout (``image_proj.*``,
+  ``ip_adapter.<2m+1>.to_{k,v}_ip.weight``) with the official context (768 / 2048) and encoder
+  widths (1024 / 1280), so ``lib_identity.formats`` recognises it as the real variant, but the
+  tiny UNet's layer widths (32…128 instead of 320…1280) and a narrow Resampler (256 instead of
+  768 / 1280 wide): the full widths would cost gigabytes of random weights for the same code
+  path;
 * the same encoder outputs (random), with cond rows first and uncond rows last.
 
 diffusers loads the file with ``UNet2DConditionModel._load_ip_adapter_weights`` and runs its
@@ -16,8 +18,8 @@ the ldm UNet with a ``PatchSession``, the way an outside caller would. Noise pre
 agree within 1e-4 (fp32).
 
 ``test_attention_parity`` feeds the session the tokens diffusers' own projection computed (the
-UNet path alone); ``test_full_chain_parity`` projects with ``lib_identity.models`` (runs once
-that package provides ``load_adapter``).
+UNet path alone); ``test_full_chain_parity`` goes file → ``formats.inspect`` →
+``models.load_adapter`` → our projection → session.
 """
 
 import copy
@@ -30,10 +32,9 @@ from lib_identity import formats
 from lib_identity.unet import ImagePrompt, PatchSession, find_cross_attentions, remove_sessions
 from unet_models import SD15, SDXL, build_ldm_unet, randomize_, to_diffusers
 
-C = 64  # context width of the tiny UNets
-E = 48  # encoder width
-S = 10  # encoder tokens (hidden states) per image for the MLP and Resampler projections
-D, Q = 64, 16  # Resampler width (one 64-wide head) and queries
+CONTEXT = {SD15: 768, SDXL: 2048}
+S = 10  # encoder tokens (hidden states) per image for the MLP and Resampler projections (257 for CLIP)
+D, Q = 256, 16  # Resampler width (four 64-wide heads) and queries
 ATOL = 1e-4
 
 
@@ -41,8 +42,8 @@ ATOL = 1e-4
 def unets():
     out = {}
     for layout, seed in ((SD15, 11), (SDXL, 12)):
-        ldm = randomize_(build_ldm_unet(layout, context_dim=C), seed=seed)
-        out[layout] = (ldm, to_diffusers(ldm, layout, context_dim=C))
+        ldm = randomize_(build_ldm_unet(layout, context_dim=CONTEXT[layout]), seed=seed)
+        out[layout] = (ldm, to_diffusers(ldm, layout, context_dim=CONTEXT[layout]))
     return out
 
 
@@ -52,7 +53,12 @@ def _clean():
     remove_sessions(None)
 
 
-def image_proj_keys(kind):
+def encoder_width(layout, kind):
+    """ViT-H's projection (1024) for the SD1.5 linear adapter, else 1280 (ViT-bigG projection, ViT-H hidden)."""
+    return 1024 if (layout, kind) == (SD15, "linear") else 1280
+
+
+def image_proj_keys(kind, C, E):
     """Official ``image_proj`` keys and shapes at test widths (formats.md §3)."""
     if kind == "linear":
         return {"proj.weight": (4 * C, E), "proj.bias": (4 * C,), "norm.weight": (C,), "norm.bias": (C,)}
@@ -72,8 +78,11 @@ def image_proj_keys(kind):
 
 def write_adapter(folder, unet, kind, seed, suffix=".safetensors"):
     """A random-weight adapter file in the official layout, for this UNet's cross-attentions."""
-    shapes = {f"image_proj.{k}": v for k, v in image_proj_keys(kind).items()}
-    for layer in find_cross_attentions(unet):
+    layers = find_cross_attentions(unet)
+    C = layers[0].context_dim
+    E = encoder_width(SD15 if C == 768 else SDXL, kind)
+    shapes = {f"image_proj.{k}": v for k, v in image_proj_keys(kind, C, E).items()}
+    for layer in layers:
         for name in ("to_k_ip", "to_v_ip"):
             shapes[f"ip_adapter.{layer.file_key}.{name}.weight"] = (layer.hidden_size, C)
     g = torch.Generator().manual_seed(seed)
@@ -109,7 +118,7 @@ def ip_pairs(path):
     return [(section[f"{n}.to_k_ip.weight"], section[f"{n}.to_v_ip.weight"]) for n in numbers]
 
 
-def encoder_outputs(kind, images, seed):
+def encoder_outputs(kind, images, seed, E):
     """Random stand-ins for the CLIP outputs: image_embeds [n, E] or hidden states [n, S, E]."""
     g = torch.Generator().manual_seed(seed)
     shape = (images, E) if kind == "linear" else (images, S, E)
@@ -118,11 +127,11 @@ def encoder_outputs(kind, images, seed):
     return cond, uncond
 
 
-def run_both(unets, layout, adapters, weights, *, batch, cfg, seed=0, project=None):
+def run_both(unets, layout, adapters, weights, *, batch, cfg, seed=0, ours=None):
     """Noise predictions of diffusers and of the patched ldm UNet.
 
-    ``adapters``: [(path, kind, images)]; ``project(index, path, embeds)`` gives our tokens
-    (default: diffusers' own projection layer of that adapter).
+    ``adapters``: [(path, kind, images)]; ``ours(index, path)`` gives our (projection, ip_layers)
+    for an adapter (default: diffusers' own projection layer, and the weights read with formats).
     """
     ldm, base = unets[layout]
     dunet = copy.deepcopy(base)
@@ -130,23 +139,24 @@ def run_both(unets, layout, adapters, weights, *, batch, cfg, seed=0, project=No
     for proc in dunet.attn_processors.values():
         if hasattr(proc, "to_k_ip"):
             proc.scale = list(weights)
-    if project is None:
-        def project(index, path, embeds):
-            return dunet.encoder_hid_proj.image_projection_layers[index](embeds)
+    if ours is None:
+        def ours(index, path):
+            return dunet.encoder_hid_proj.image_projection_layers[index], ip_pairs(path)
 
     g = torch.Generator().manual_seed(seed)
     rows = 2 * batch if cfg else batch
     x = torch.randn(rows, 4, 8, 8, generator=g)
     t = torch.full((rows,), 400.0)
-    context = torch.randn(rows, 7, C, generator=g)
+    context = torch.randn(rows, 7, CONTEXT[layout], generator=g)
     image_embeds, prompts = [], []
     for index, ((path, kind, images), weight) in enumerate(zip(adapters, weights)):
-        cond, uncond = encoder_outputs(kind, images, seed=100 + index)
+        cond, uncond = encoder_outputs(kind, images, seed=100 + index, E=encoder_width(layout, kind))
         per_row = [cond] * batch + ([uncond] * batch if cfg else [])
         image_embeds.append(torch.stack(per_row))  # [rows, images, ...]
+        project, ip_layers = ours(index, path)
         with torch.no_grad():
-            cond_tokens, uncond_tokens = project(index, path, cond), project(index, path, uncond)
-        prompts.append(ImagePrompt(cond_tokens=cond_tokens, uncond_tokens=uncond_tokens, ip_layers=ip_pairs(path),
+            cond_tokens, uncond_tokens = project(cond), project(uncond)
+        prompts.append(ImagePrompt(cond_tokens=cond_tokens, uncond_tokens=uncond_tokens, ip_layers=ip_layers,
                                    weight=weight, combine="concat", name=f"unit {index + 1}"))
     with torch.no_grad():
         expected = dunet(x, t, encoder_hidden_states=context, added_cond_kwargs={"image_embeds": image_embeds}).sample
@@ -179,14 +189,15 @@ def test_several_adapters_and_reference_images_at_once(unets, tmp_path, layout):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-def _our_projection():
-    try:
-        from lib_identity.models import load_adapter  # noqa: F401
-    except ImportError:
-        pytest.skip("lib_identity.models.load_adapter is not available on this branch yet")
-    return None
+def load_ours(index, path):
+    """The file through lib_identity: formats.inspect → models.load_adapter (projection, ip layers)."""
+    from lib_identity.models import load_adapter
+
+    return load_adapter(formats.inspect(str(path)), formats.load_tensors(str(path)))
 
 
 @pytest.mark.parametrize("layout,kind", CASES)
 def test_full_chain_parity(unets, tmp_path, layout, kind):
-    _our_projection()
+    path = write_adapter(tmp_path, unets[layout][0], kind, seed=4)
+    expected, got, _ = run_both(unets, layout, [(path, kind, 2)], [1.25], batch=1, cfg=True, ours=load_ours)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
