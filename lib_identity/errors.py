@@ -18,5 +18,13 @@ class ModelNotFoundError(IdentityError):
     """A model was asked for by name and no configured model folder holds it."""
 
 
+class PreparationError(IdentityError):
+    """A reference picture, or how it should be fitted to the encoder (mode, crop position, pad colour), is unusable."""
+
+
+class EncoderError(IdentityError):
+    """An image encoder could not be loaded or run (wrong file, wrong output asked for, bad settings)."""
+
+
 class PatchError(IdentityError):
     """Image prompts could not be applied to the loaded UNet (wrong inputs or an unexpected model)."""

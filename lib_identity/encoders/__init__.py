@@ -1,0 +1,76 @@
+"""Image encoders for the adapters: CLIP vision (transformers), with caches and offloading.
+
+Public API:
+
+* ``Preparation``, ``prepare_pixels(images, prep, size)`` - fitting pictures to the encoder.
+* ``find_encoder(encoder_id, folders)``, ``load_encoder(path, encoder_id=None)`` - files.
+* ``encode_images(encoder, images, output, prep, device, dtype, uncond)`` - cached encodings.
+* ``set_offload_policy(policy)``, ``release_encoders()`` - what the WebUI settings drive.
+
+transformers is imported only when an encoder is built or run.
+"""
+
+from .cache import (
+    OFFLOAD_POLICIES,
+    EncoderRegistry,
+    EncodingCache,
+    default_cache,
+    default_registry,
+    release_encoders,
+    set_offload_policy,
+)
+from .clip_vision import (
+    ENCODER_IDS,
+    OUTPUTS,
+    EncoderInfo,
+    build_encoder,
+    encoder_info,
+    find_encoder,
+    load_encoder,
+    make_config,
+    run_encoder,
+    shipped_config,
+)
+from .encode import UNCOND_KINDS, encode_images
+from .preprocess import (
+    CROP_POSITIONS,
+    DEFAULT_PREPARATION,
+    MODES,
+    Preparation,
+    cropped_fraction,
+    fit,
+    image_digest,
+    prepare_pixels,
+    to_rgb,
+)
+
+__all__ = [
+    "CROP_POSITIONS",
+    "DEFAULT_PREPARATION",
+    "ENCODER_IDS",
+    "MODES",
+    "OFFLOAD_POLICIES",
+    "OUTPUTS",
+    "UNCOND_KINDS",
+    "EncoderInfo",
+    "EncoderRegistry",
+    "EncodingCache",
+    "Preparation",
+    "build_encoder",
+    "cropped_fraction",
+    "default_cache",
+    "default_registry",
+    "encode_images",
+    "encoder_info",
+    "find_encoder",
+    "fit",
+    "image_digest",
+    "load_encoder",
+    "make_config",
+    "prepare_pixels",
+    "release_encoders",
+    "run_encoder",
+    "set_offload_policy",
+    "shipped_config",
+    "to_rgb",
+]
