@@ -27,14 +27,12 @@ import copy
 import pytest
 import torch
 
-from checkpoints import write_random
 from lib_identity import formats
 from lib_identity.unet import ImagePrompt, PatchSession, find_cross_attentions, remove_sessions
+from unet_helpers import CONTEXT, diffusers_state_dict, encoder_width, write_adapter
 from unet_models import SD15, SDXL, build_ldm_unet, randomize_, to_diffusers
 
-CONTEXT = {SD15: 768, SDXL: 2048}
 S = 10  # encoder tokens (hidden states) per image for the MLP and Resampler projections (257 for CLIP)
-D, Q = 256, 16  # Resampler width (four 64-wide heads) and queries
 ATOL = 1e-4
 
 
@@ -51,64 +49,6 @@ def unets():
 def _clean():
     yield
     remove_sessions(None)
-
-
-def encoder_width(layout, kind):
-    """ViT-H's projection (1024) for the SD1.5 linear adapter, else 1280 (ViT-bigG projection, ViT-H hidden)."""
-    return 1024 if (layout, kind) == (SD15, "linear") else 1280
-
-
-def image_proj_keys(kind, C, E):
-    """Official ``image_proj`` keys and shapes at test widths (formats.md §3)."""
-    if kind == "linear":
-        return {"proj.weight": (4 * C, E), "proj.bias": (4 * C,), "norm.weight": (C,), "norm.bias": (C,)}
-    if kind == "mlp":
-        return {"proj.0.weight": (E, E), "proj.0.bias": (E,), "proj.2.weight": (C, E), "proj.2.bias": (C,),
-                "proj.3.weight": (C,), "proj.3.bias": (C,)}
-    keys = {"latents": (1, Q, D), "proj_in.weight": (D, E), "proj_in.bias": (D,), "proj_out.weight": (C, D),
-            "proj_out.bias": (C,), "norm_out.weight": (C,), "norm_out.bias": (C,)}
-    for layer in range(4):
-        p = f"layers.{layer}."
-        keys.update({p + "0.norm1.weight": (D,), p + "0.norm1.bias": (D,), p + "0.norm2.weight": (D,),
-                     p + "0.norm2.bias": (D,), p + "0.to_q.weight": (D, D), p + "0.to_kv.weight": (2 * D, D),
-                     p + "0.to_out.weight": (D, D), p + "1.0.weight": (D,), p + "1.0.bias": (D,),
-                     p + "1.1.weight": (4 * D, D), p + "1.3.weight": (D, 4 * D)})
-    return keys
-
-
-def write_adapter(folder, unet, kind, seed, suffix=".safetensors"):
-    """A random-weight adapter file in the official layout, for this UNet's cross-attentions."""
-    layers = find_cross_attentions(unet)
-    C = layers[0].context_dim
-    E = encoder_width(SD15 if C == 768 else SDXL, kind)
-    shapes = {f"image_proj.{k}": v for k, v in image_proj_keys(kind, C, E).items()}
-    for layer in layers:
-        for name in ("to_k_ip", "to_v_ip"):
-            shapes[f"ip_adapter.{layer.file_key}.{name}.weight"] = (layer.hidden_size, C)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for key, shape in shapes.items():  # O(1) activations: norms near 1, matrices 1/sqrt(fan_in)
-        if len(shape) == 1:
-            base = 1.0 if key.endswith("weight") else 0.0
-            tensors[key] = base + 0.1 * torch.randn(shape, generator=g)
-        else:
-            tensors[key] = torch.randn(shape, generator=g) / shape[-1] ** 0.5
-    path = folder / f"{kind}-{seed}{suffix}"
-    write_random(tensors, path)
-    return path
-
-
-def diffusers_state_dict(path):
-    """What diffusers' own loader reads: the nested .bin dict, or the .safetensors prefixes split."""
-    from safetensors.torch import load_file
-
-    if str(path).endswith(".bin"):
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    out = {"image_proj": {}, "ip_adapter": {}}
-    for key, value in load_file(str(path)).items():
-        section, rest = key.split(".", 1)
-        out[section][rest] = value
-    return out
 
 
 def ip_pairs(path):
