@@ -87,14 +87,13 @@ def _prompt(unet, seed=0):
                        ip_layers=pairs, weight=1.5)
 
 
-@pytest.mark.parametrize("name", ["AND in a batch", "long prompt, AND, batch_cond_uncond off",
-                                  "NGMS / skip early cond", "InstructPix2Pix"])
+@pytest.mark.parametrize("name", ["AND in a batch", "long prompt, AND, batch_cond_uncond off"])
 def test_uncond_rows_get_the_uncond_tokens(unet, name):
     """Running the layout's calls equals running every row alone as what it is (cond or uncond)."""
     spec = LAYOUTS[name]
     n_cond, total, calls = denoiser_calls(**spec)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(total, 4, 8, 16, generator=g)
+    x = torch.randn(total, 4, 8, 8, generator=g)
     t = torch.full((total,), 321.0)
     cond_len = 7 if spec.get("same_tokens", True) else 14
     context = [torch.randn(1, cond_len if r < n_cond else 7, C, generator=g) for r in range(total)]
