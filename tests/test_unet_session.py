@@ -354,6 +354,26 @@ def test_dtype_changes_between_calls_use_their_own_cache(unet):
     assert (got_bf16.float() - full).abs().max() < 0.2  # same prompt, lower precision
 
 
+def test_a_unet_moved_to_another_device_mid_pass_gets_keys_and_values_there(unet):
+    """--lowvram / --medvram move UNet blocks between devices during sampling; the adapter's
+    weights stay where they are and the keys/values are made once per device (``meta`` stands
+    in for the GPU here)."""
+    import copy
+
+    moving = copy.deepcopy(unet)
+    x, t, c = unet_inputs(2, C)
+    prompt = random_prompt(moving, C)
+    with torch.no_grad(), PatchSession(moving, [prompt]) as session:
+        session.begin_step(1)
+        moving(x, t, context=c)
+        moving.to("meta")
+        out = moving(x.to("meta"), t.to("meta"), context=c.to("meta"))
+        devices = {key[1].type for key in session.prepared[0]._kv}
+    assert out.device.type == "meta" and out.shape == x.shape
+    assert devices == {"cpu", "meta"}
+    assert all(w.device.type == "cpu" for pair in prompt.ip_layers for w in pair)
+
+
 def test_begin_call_by_hand_when_the_session_does_not_track_calls(unet):
     x, t, c = unet_inputs(4, C)
     prompt = random_prompt(unet, C)
