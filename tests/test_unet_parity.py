@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from lib_identity import formats
-from lib_identity.unet import ImagePrompt, PatchSession, find_cross_attentions, remove_sessions
+from lib_identity.unet import ImagePrompt, PatchSession, remove_sessions
 from unet_helpers import CONTEXT, diffusers_state_dict, encoder_width, write_adapter
 from unet_models import SD15, SDXL, build_ldm_unet, randomize_, to_diffusers
 

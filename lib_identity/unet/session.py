@@ -38,7 +38,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import PatchError
 from .image_prompt import ImagePrompt, PreparedPrompt
 from .layers import CrossAttentionLayer, find_cross_attentions
 from .rows import CondRows
