@@ -182,6 +182,34 @@ def test_a_class_level_swap_during_the_session_keeps_the_image_branch(unet):
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
 
 
+def test_a_forward_it_does_not_understand_is_left_alone_with_one_warning(unet, caplog):
+    """A text branch that runs ``to_out`` on half the batch at a time: no guessing, no crash."""
+    layer = find_cross_attentions(unet)[0]
+    attn = layer.module
+
+    def chunked(self, x, context=None, **kwargs):
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        b, h = q.shape[0], self.heads
+        q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1])
+        return torch.cat([self.to_out(out[: b // 2]), self.to_out(out[b // 2:])])
+
+    g = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 16, layer.hidden_size, generator=g), torch.randn(2, 7, C, generator=g)
+    attn.forward = types.MethodType(chunked, attn)
+    try:
+        with torch.no_grad():
+            bare = attn(x, context=context)
+            with PatchSession(unet, [random_prompt(unet, C)]) as session:
+                session.begin_step(1)
+                first, second = attn(x, context=context), attn(x, context=context)
+    finally:
+        del attn.forward
+    assert torch.equal(first, bare) and torch.equal(second, bare)
+    warnings = [r for r in caplog.records if "not understood" in r.getMessage()]
+    assert len(warnings) == 1 and layer.name in warnings[0].getMessage()
+
+
 def test_sgm_additional_tokens_are_passed_through_and_cut_from_the_queries(xl_unet):
     """sgm's attention prepends ``additional_tokens`` to the queries and strips them afterwards."""
     layer = find_cross_attentions(xl_unet)[5]
