@@ -29,7 +29,9 @@ class ImagePrompt:
     * ``cond_tokens``: ``[n, T, C]`` image tokens of the ``n`` reference images (``[T, C]`` for
       one image), ``C`` = the UNet's context width.
     * ``uncond_tokens``: the tokens for uncond rows, ``[n, T, C]`` or ``[1, T, C]`` / ``[T, C]``
-      (used for every image); ``None`` means zeros.
+      (used for every image). The official uncond is the *projection* of the uncond encoding
+      (a zero embedding, or the encoder run on a zero image), which is not zero: pass it
+      (``lib_identity.api.image_prompt`` does). ``None`` means zero tokens.
     * ``ip_layers``: the adapter's image key/value projections, by cross-attention ordinal:
       ``lib_identity.models``' ``IPAttentionLayers`` (``ip_layers[m].to_k_ip``), an object with
       ``to_k_ip``/``to_v_ip`` ModuleLists, or a list of ``(to_k_ip.weight, to_v_ip.weight)``.

@@ -38,7 +38,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import PatchError
 from .image_prompt import ImagePrompt, PreparedPrompt
 from .layers import CrossAttentionLayer, find_cross_attentions
 from .rows import CondRows
@@ -102,13 +101,11 @@ class _LayerPatch:
         if not active or q is None or not args:
             return None
         hidden = args[0]
+        if hidden.dim() != 3 or q.dim() != 3:
+            return self._skip(q, hidden)
         batch, n_tokens, inner = hidden.shape
         if q.shape[0] != batch or q.shape[-1] != inner or q.shape[1] < n_tokens:
-            if not self.warned:
-                self.warned = True
-                log.warning("identity: %s: attention shapes q %s / out %s not understood; image prompt skipped there",
-                            self.layer.name, tuple(q.shape), tuple(hidden.shape))
-            return None
+            return self._skip(q, hidden)
         if q.shape[1] != n_tokens:
             q = q[:, -n_tokens:]  # sgm's additional_tokens lead the queries and are cut from the output
         heads = self.layer.heads
@@ -129,6 +126,14 @@ class _LayerPatch:
             else:
                 result.add_(image, alpha=weight)
         return (result,) + tuple(args[1:])
+
+    def _skip(self, q, hidden):
+        """An attention forward this patch does not understand: leave that layer alone, say so once."""
+        if not self.warned:
+            self.warned = True
+            log.warning("identity: %s: attention shapes q %s / out %s not understood; image prompt skipped there",
+                        self.layer.name, tuple(q.shape), tuple(hidden.shape))
+        return None
 
 
 class PatchSession:
