@@ -32,7 +32,6 @@ from . import formats
 from .errors import PatchError
 from .formats import ModelInfo
 from .unet import DEFAULT_OWNER, ImagePrompt, PatchSession
-from .unet.references import combine_references, normalise_mode
 
 
 @dataclass
@@ -64,11 +63,6 @@ def load_ip_adapter(path, device="cpu", dtype: torch.dtype = torch.float32) -> I
     return IPAdapterModel(info=info, image_proj=image_proj, ip_layers=ip_layers, path=path)
 
 
-def _projection_target(module: torch.nn.Module):
-    p = next(module.parameters())
-    return p.device, p.dtype
-
-
 def image_prompt(adapter: IPAdapterModel, images, encoder, *, weight: float = 1.0, start: float = 0.0,
                  end: float = 1.0, layer_weights=None, composition_weight: float = 1.0, mask=None,
                  combine: str = "concat", reference_weights: Optional[Sequence[float]] = None,
@@ -79,29 +73,19 @@ def image_prompt(adapter: IPAdapterModel, images, encoder, *, weight: float = 1.
     ``encoder``: the CLIP vision encoder the adapter was trained with (a file or folder, or a
     loaded ``CLIPVisionModelWithProjection``); encodings are cached by picture content.
     ``uncond``: ``"zero"`` (official), ``"noise"`` or a negative picture. ``preparation``: a
-    ``lib_identity.encoders.Preparation`` (crop, pad or squash). The other arguments are
-    ``ImagePrompt``'s.
+    ``lib_identity.encoders.Preparation`` (crop, pad or squash). The image tokens are made on the
+    adapter's device and dtype. The other arguments are ``ImagePrompt``'s.
     """
-    from .encoders import DEFAULT_PREPARATION, encode_images
+    from .methods.ip_adapter import image_prompt as make_prompt
 
-    mode = normalise_mode(combine, name)
+    first = next(adapter.image_proj.parameters())
     encoder_id = adapter.info.image_encoder if isinstance(encoder, (str, bytes)) or hasattr(encoder, "__fspath__") else None
-    cond, negative = encode_images(
-        encoder, images, output=adapter.info.encoder_output, prep=preparation or DEFAULT_PREPARATION,
-        device=encoder_device, dtype=encoder_dtype, uncond=uncond, encoder_id=encoder_id,
-    )
-    if mode != "concat" and cond.shape[0] > 1:
-        # average the encodings, then project once (ComfyUI_IPAdapter_plus's combine_embeds)
-        cond = combine_references(cond, mode, reference_weights, unit_name=name, tokens=False)
-        negative = combine_references(negative, mode, reference_weights, unit_name=name, tokens=False)
-    device, dtype = _projection_target(adapter.image_proj)
-    with torch.no_grad():
-        cond_tokens = adapter.image_proj(cond.to(device=device, dtype=dtype))
-        uncond_tokens = adapter.image_proj(negative.to(device=device, dtype=dtype))
-    return ImagePrompt(
-        cond_tokens=cond_tokens, uncond_tokens=uncond_tokens, ip_layers=adapter.ip_layers, weight=weight,
-        start=start, end=end, layer_weights=layer_weights, composition_weight=composition_weight, mask=mask,
-        combine="concat", name=name,
+    return make_prompt(
+        adapter.info, adapter.image_proj, adapter.ip_layers, images, encoder,
+        device=encoder_device or first.device, dtype=encoder_dtype or first.dtype, preparation=preparation,
+        uncond=uncond, combine=combine, reference_weights=reference_weights, name=name, encoder_id=encoder_id,
+        weight=weight, start=start, end=end, layer_weights=layer_weights, composition_weight=composition_weight,
+        mask=mask,
     )
 
 

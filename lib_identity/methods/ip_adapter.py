@@ -17,10 +17,10 @@ import torch
 
 from .. import formats
 from ..encoders import Preparation, encode_images
-from ..errors import UnitError
+from ..errors import PatchError, UnitError
 from ..models import load_adapter
 from ..unet import ImagePrompt
-from ..unet.references import combine_references
+from ..unet.references import combine_references, normalise_mode
 
 SUPPORTED_FAMILIES = ("ip-adapter",)
 
@@ -82,52 +82,68 @@ def _uncond_input(unit):
     return unit.uncond  # "zero" | "noise"
 
 
-def prepare(resolved, *, device, dtype, encoder_path: Optional[str] = None) -> ImagePrompt:
+def image_prompt(info: formats.ModelInfo, image_proj: torch.nn.Module, ip_layers, images, encoder, *,
+                 device, dtype, preparation: Optional[Preparation] = None, uncond="zero",
+                 combine: str = "concat", reference_weights=None, name: str = "unit",
+                 encoder_id: Optional[str] = None, **prompt) -> ImagePrompt:
+    """Encode ``images`` with ``encoder``, combine them, project them: one unit's ``ImagePrompt``.
+
+    The one path from pictures to image tokens, for the WebUI (``prepare``) and for Python
+    callers (``lib_identity.api.image_prompt``). ``average`` and ``weighted average`` combine
+    the encoder outputs before the projection (ComfyUI_IPAdapter_plus's ``combine_embeds``);
+    ``concat`` projects each picture and lays the tokens side by side. ``prompt`` holds the
+    remaining ``ImagePrompt`` fields (weight, start, end, layer_weights, mask, …).
+    """
+    from ..encoders import DEFAULT_PREPARATION
+
+    output = _OUTPUTS.get(info.encoder_output)
+    if output is None:
+        raise PatchError(f"{name}: {info.variant} is not fed by CLIP vision ({info.encoder_output}); it needs its own method")
+    mode = normalise_mode(combine, name)
+    cond, negative = encode_images(encoder, images, output, preparation or DEFAULT_PREPARATION, device=device,
+                                   dtype=dtype, uncond=uncond, encoder_id=encoder_id)
+    if mode != "concat" and cond.shape[0] > 1:
+        cond = combine_references(cond, mode, reference_weights, unit_name=name, tokens=False)
+        if negative.shape[0] > 1:
+            negative = combine_references(negative, mode, reference_weights, unit_name=name, tokens=False)
+    return ImagePrompt(
+        cond_tokens=_project(image_proj, cond, device, dtype),
+        uncond_tokens=_project(image_proj, negative, device, dtype),
+        # the session projects the image keys/values once per pass, on the device each UNet
+        # block runs on, so the layers can stay where they are kept
+        ip_layers=ip_layers,
+        combine="concat",  # averages were taken above; several remaining entries are concatenated
+        name=name,
+        **prompt,
+    )
+
+
+def prepare(resolved, *, device, dtype) -> ImagePrompt:
     """The ``ImagePrompt`` of one validated unit (``units.ResolvedUnit``) for a UNet on ``device``/``dtype``."""
     unit, entry, number = resolved.unit, resolved.model, resolved.number
     info = entry.info
     if info.family not in SUPPORTED_FAMILIES:
         raise UnitError(number, "model", f"model '{entry.name}' is {info.family}, which this version cannot run yet; "
                         "choose an IP-Adapter model (FaceID, InstantID and PhotoMaker are coming)")
-    output = _OUTPUTS.get(info.encoder_output)
-    if output is None:
-        raise UnitError(number, "model", f"model '{entry.name}': unknown encoder output {info.encoder_output!r}")
-    encoder = encoder_path or resolved.encoders.get(info.image_encoder)
     image_proj, ip_layers = adapters.get(info, entry.path)
-    prep = Preparation(mode=unit.preparation, crop_position=unit.crop_position)
-    cond, uncond = encode_images(encoder, list(unit.images), output, prep, device=device, dtype=dtype,
-                                 uncond=_uncond_input(unit), encoder_id=info.image_encoder)
-    mode = unit.combine
-    if mode != "concat" and cond.shape[0] > 1:
-        # averaged before the projection, as ComfyUI_IPAdapter_plus combines embeddings
-        weights = unit.image_weights if mode == "weighted average" else None
-        cond = combine_references(cond, mode, weights, unit_name=f"unit {number}", tokens=False)
-        if uncond.shape[0] > 1:
-            uncond = combine_references(uncond, mode, weights, unit_name=f"unit {number}", tokens=False)
-    cond_tokens = _project(image_proj, cond, device, dtype)
-    uncond_tokens = _project(image_proj, uncond, device, dtype)
-    return ImagePrompt(
-        cond_tokens=cond_tokens,
-        uncond_tokens=uncond_tokens,
-        # the cached CPU layers; the session projects the image keys/values once per pass on
-        # the device each UNet block runs on
-        ip_layers=ip_layers,
-        weight=unit.weight,
-        start=unit.start,
-        end=unit.end,
-        layer_weights=_layer_weights(unit),
+    return image_prompt(
+        info, image_proj, ip_layers, list(unit.images), resolved.encoders.get(info.image_encoder),
+        device=device, dtype=dtype, encoder_id=info.image_encoder,
+        preparation=Preparation(mode=unit.preparation, crop_position=unit.crop_position),
+        uncond=_uncond_input(unit), combine=unit.combine,
+        reference_weights=unit.image_weights, name=f"Identity unit {number}",
+        weight=unit.weight, start=unit.start, end=unit.end, layer_weights=_layer_weights(unit),
         mask=_mask_tensor(unit.mask),
-        combine="concat",  # averages were taken above; several remaining entries are concatenated
-        name=f"Identity unit {number}",
     )
 
 
 def _project(image_proj: torch.nn.Module, x: torch.Tensor, device, dtype) -> torch.Tensor:
-    """Run the cached projection on ``device`` and put it back where it was kept.
+    """Run the projection on ``device`` and put it back where it was kept.
 
     Half precision on the CPU lacks kernels in older torch (LayerNorm), so the CPU computes in fp32.
     """
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else next(image_proj.parameters()).device
+    dtype = dtype or next(image_proj.parameters()).dtype
     compute = torch.float32 if device.type == "cpu" else dtype
     first = next(image_proj.parameters())
     home_device, home_dtype = first.device, first.dtype
