@@ -148,9 +148,31 @@ def process(p, args):
         titles = {r.number: r.unit.model for r in resolved}
         write_infotext(p.extra_generation_params, units, model_titles=titles)
         state.resolved = resolved
+        _remove_when_sampling_ends(p)
     except IdentityError as e:
         write_infotext(p.extra_generation_params, [])
         _fail(p, e)
+
+
+def _remove_when_sampling_ends(p):
+    """Wrap this run's ``p.sample`` so the patch goes also when sampling raises.
+
+    ``post_sample``/``postprocess`` are skipped when sampling raises; the next run would clean
+    up, but until then the UNet would carry the hooks. ``p.sample`` holds every pass (first and
+    hires), so its end is the end of sampling.
+    """
+    sample = p.sample
+    if getattr(sample, "_identity_wrapper", False):
+        return
+
+    def sample_then_remove(*args, **kwargs):
+        try:
+            return sample(*args, **kwargs)
+        finally:
+            end_pass(p)
+
+    sample_then_remove._identity_wrapper = True
+    p.sample = sample_then_remove
 
 
 def before_sampling(p):
@@ -192,11 +214,17 @@ def before_sampling(p):
 
 
 def end_pass(p):
-    """``Script.post_sample``: sampling is over; take the patch away before decoding."""
+    """Sampling is over (``Script.post_sample``, or ``p.sample`` ended, also by an exception):
+    take the patch and the per-step callback away before decoding."""
+    from modules import script_callbacks
+
     with state.lock:
         if state.session is not None:
             state.session.remove()
             state.session = None
+        if state.cfg_callback is not None:
+            script_callbacks.remove_callbacks_for_function(state.cfg_callback)
+            state.cfg_callback = None
 
 
 def finish(p):
