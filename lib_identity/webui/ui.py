@@ -98,7 +98,7 @@ def build(script, is_img2img: bool):
                         key = f"Identity {number} {f}"
                         infotext_fields.append((c[f], key))
                         paste_names.append(key)
-                    infotext_fields.append((c["status"], f"Identity {number} needs"))
+                    infotext_fields.append((c["needs"], f"Identity {number} needs"))
     script.infotext_fields = infotext_fields
     script.paste_field_names = paste_names
     return components
@@ -117,6 +117,8 @@ def _unit_block(gr, ToolButton, number, eid, choices):
                               elem_id=eid(f"unit{number}_images"))
         preview = gr.Gallery(label="References", show_label=False, columns=4, height=160,
                              elem_id=eid(f"unit{number}_preview"))
+    # filled by pasted infotext: which reference pictures the restored unit needs again
+    c["needs"] = gr.Markdown("", elem_id=eid(f"unit{number}_needs"))
     with gr.Row():
         c["weight"] = gr.Slider(label="Weight", minimum=U.WEIGHT_RANGE[0], maximum=U.WEIGHT_RANGE[1], step=0.05,
                                 value=1.0, elem_id=eid(f"unit{number}_weight"))
@@ -154,7 +156,8 @@ def _unit_block(gr, ToolButton, number, eid, choices):
 
     refresh.click(on_refresh, inputs=[c["model"]], outputs=[c["model"], c["status"]], show_progress=False)
     c["model"].change(model_status, inputs=[c["model"]], outputs=[c["status"]], show_progress=False)
-    c["images"].change(_preview, inputs=[c["images"]], outputs=[preview], show_progress=False)
+    c["images"].change(lambda files: (_preview(files), ""), inputs=[c["images"]], outputs=[preview, c["needs"]],
+                       show_progress=False)
     c["combine"].change(lambda m: gr.update(visible=m == U.WEIGHTED), inputs=[c["combine"]], outputs=[c["image_weights"]])
     c["preparation"].change(lambda m: gr.update(visible=m == "crop"), inputs=[c["preparation"]], outputs=[c["crop_position"]])
     c["layer_preset"].change(lambda m: gr.update(visible=m == U.CUSTOM_LAYERS), inputs=[c["layer_preset"]],
