@@ -116,3 +116,44 @@ def test_the_unet_is_clean_afterwards(webui, plain):
     with pytest.raises(WebUIError):
         webui.post("/sdapi/v1/txt2img", with_units({"model": "ip-adapter_sd15", "images": [reference(6)], "weight": 9}))
     assert pixels(webui.txt2img(small_payload())) == plain
+
+
+def _gray(seed, size=(64, 64)):
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _mask():
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    buf = io.BytesIO()
+    mask.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    "route, extra",
+    [
+        ("/sdapi/v1/txt2img", {"batch_size": 2, "n_iter": 2}),
+        ("/sdapi/v1/txt2img", {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
+                               "denoising_strength": 0.6}),
+        ("/sdapi/v1/txt2img", {"prompt": "a person AND a smile, " + "very detailed, " * 40}),
+        ("/sdapi/v1/img2img", {"init_images": ["INIT"], "denoising_strength": 0.7}),
+        ("/sdapi/v1/img2img", {"init_images": ["INIT"], "mask": "MASK", "denoising_strength": 0.8, "inpainting_fill": 1}),
+    ],
+    ids=["batch-size-and-count", "hires-fix", "AND-and-long-prompt", "img2img", "inpainting"],
+)
+def test_every_generation_mode_gets_the_identity(webui, route, extra):
+    extra = {k: ([_gray(7) for _ in v] if k == "init_images" else _mask() if v == "MASK" else v) for k, v in extra.items()}
+    payload = dict(small_payload(), **extra)
+    plain = webui.post(route, payload)
+    with_unit = webui.post(route, dict(payload, alwayson_scripts={"identity": {"args": [
+        {"model": "ip-adapter_sd15", "images": [reference(1)], "weight": 0.9}]}}))
+    again = webui.post(route, payload)
+    assert len(with_unit["images"]) == len(plain["images"])
+    assert all(pixels({"images": [a]}) != pixels({"images": [b]}) for a, b in zip(with_unit["images"], plain["images"]))
+    assert all("Identity 1" in t for t in json.loads(with_unit["info"])["infotexts"])
+    assert [pixels({"images": [a]}) for a in again["images"]] == [pixels({"images": [a]}) for a in plain["images"]]
