@@ -157,3 +157,22 @@ def test_every_generation_mode_gets_the_identity(webui, route, extra):
     assert all(pixels({"images": [a]}) != pixels({"images": [b]}) for a, b in zip(with_unit["images"], plain["images"]))
     assert all("Identity 1" in t for t in json.loads(with_unit["info"])["infotexts"])
     assert [pixels({"images": [a]}) for a in again["images"]] == [pixels({"images": [a]}) for a in plain["images"]]
+
+
+def test_routes_are_behind_the_webui_api_auth(webui):
+    """A second WebUI with --api-auth: the identity routes ask for the same credentials."""
+    import urllib.error
+    import urllib.request
+
+    from webui_live import WebUIServer
+
+    server = WebUIServer.from_env()
+    server.auth = ("alice", "secret")
+    try:
+        server.start()
+        assert server.get("/identity/v1/version")["api"] == 1  # with the credentials
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(server.base_url + "/identity/v1/version", timeout=30)
+        assert e.value.code == 401
+    finally:
+        server.stop()

@@ -6,14 +6,13 @@ run at the first UNet call with its message; X/Y/Z cells change only what they n
 (The same flows run in a real WebUI in test_webui_live_identity.py when SD_WEBUI_ROOT is set.)
 """
 
-import sys
-import types
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from fake_webui import install_fake_modules
 from unet_helpers import CONTEXT, hook_counts, unet_inputs, write_adapter
 from unet_models import SD15, build_ldm_unet, randomize_
 
@@ -51,24 +50,9 @@ def webui(monkeypatch, tmp_path):
     # the tiny encoder is no ViT-H the model folders would recognise: hand it over directly
     monkeypatch.setattr(runtime, "find_encoder_for_run", lambda need: str(tmp_path / "encoder"))
 
-    callbacks = []
-    cb = types.ModuleType("modules.script_callbacks")
-    cb.on_cfg_denoiser = callbacks.append
-    cb.remove_callbacks_for_function = lambda fn: callbacks.remove(fn) if fn in callbacks else None
     model = SimpleNamespace(is_sdxl=False, is_sd1=True, model=Wrapper(unet))
-    shared = types.ModuleType("modules.shared")
-    shared.sd_model = model
-    shared.opts = SimpleNamespace(data={})
-    shared.cmd_opts = SimpleNamespace(identity_models_dir=str(folder), controlnet_dir=None, api_auth=None)
-    paths = types.ModuleType("modules.paths")
-    paths.models_path = str(tmp_path / "models")
-    devices = types.ModuleType("modules.devices")
-    devices.device, devices.dtype_unet = torch.device("cpu"), torch.float32
-    pkg = types.ModuleType("modules")
-    for name, mod in {"script_callbacks": cb, "shared": shared, "paths": paths, "devices": devices}.items():
-        setattr(pkg, name, mod)
-        monkeypatch.setitem(sys.modules, f"modules.{name}", mod)
-    monkeypatch.setitem(sys.modules, "modules", pkg)
+    callbacks = install_fake_modules(monkeypatch, models_path=tmp_path / "models", identity_models_dir=str(folder),
+                                     sd_model=model)
     discovery.list_models([str(folder)], refresh=True)
     yield SimpleNamespace(model=model, unet=unet, callbacks=callbacks, adapter=adapter.stem, runtime=runtime)
     runtime.cleanup()

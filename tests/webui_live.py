@@ -147,6 +147,7 @@ class WebUIServer:
         self._tmp = None
         self.log_path = None
         self.identity_models = None
+        self.auth = None  # (user, password): started with --api-auth, requests send them
 
     @classmethod
     def from_env(cls) -> "WebUIServer":
@@ -203,6 +204,8 @@ class WebUIServer:
         args = [self.python, "launch.py", *BASE_ARGS, "--port", str(self.port),
                 "--data-dir", str(data), "--models-dir", str(self.models_dir),
                 "--identity-models-dir", str(self.identity_models), *self.extra_args]
+        if self.auth:
+            args += ["--api-auth", ":".join(self.auth)]
         env = dict(os.environ)
         env["GRADIO_ANALYTICS_ENABLED"] = "False"
         env.pop("COMMANDLINE_ARGS", None)  # launch.py would append it to our arguments
@@ -260,8 +263,10 @@ class WebUIServer:
 
     def _request(self, method, path, payload=None, timeout=None):
         data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.auth:
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(self.auth).encode()).decode()
+        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.request_timeout) as res:
                 return json.loads(res.read() or b"null")

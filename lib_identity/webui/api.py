@@ -4,7 +4,8 @@ Registered from ``on_app_started``. FastAPI routes added that way are not covere
 ``--api-auth`` on their own, so the same HTTP Basic check is attached here.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: FastAPI reads the auth dependency's parameter
+# annotation, and the class it names is imported inside a function, not at module level.
 
 from secrets import compare_digest
 
