@@ -13,7 +13,6 @@ Two kinds of file:
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 

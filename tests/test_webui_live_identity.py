@@ -118,14 +118,6 @@ def test_the_unet_is_clean_afterwards(webui, plain):
     assert pixels(webui.txt2img(small_payload())) == plain
 
 
-def _gray(seed, size=(64, 64)):
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _mask():
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
@@ -147,7 +139,7 @@ def _mask():
     ids=["batch-size-and-count", "hires-fix", "AND-and-long-prompt", "img2img", "inpainting"],
 )
 def test_every_generation_mode_gets_the_identity(webui, route, extra):
-    extra = {k: ([_gray(7) for _ in v] if k == "init_images" else _mask() if v == "MASK" else v) for k, v in extra.items()}
+    extra = {k: ([reference(7, (64, 64)) for _ in v] if k == "init_images" else _mask() if v == "MASK" else v) for k, v in extra.items()}
     payload = dict(small_payload(), **extra)
     plain = webui.post(route, payload)
     with_unit = webui.post(route, dict(payload, alwayson_scripts={"identity": {"args": [

@@ -11,20 +11,18 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
 from .. import formats
-from ..encoders import Preparation, encode_images
+from ..encoders import OUTPUTS, Preparation, encode_images
 from ..errors import PatchError, UnitError
 from ..models import load_adapter
 from ..unet import ImagePrompt
 from ..unet.references import combine_references, normalise_mode
 
 SUPPORTED_FAMILIES = ("ip-adapter",)
-
-_OUTPUTS = {"image_embeds": "image_embeds", "hidden_states[-2]": "hidden_states[-2]"}
 
 
 class AdapterCache:
@@ -96,8 +94,8 @@ def image_prompt(info: formats.ModelInfo, image_proj: torch.nn.Module, ip_layers
     """
     from ..encoders import DEFAULT_PREPARATION
 
-    output = _OUTPUTS.get(info.encoder_output)
-    if output is None:
+    output = info.encoder_output
+    if output not in OUTPUTS:
         raise PatchError(f"{name}: {info.variant} is not fed by CLIP vision ({info.encoder_output}); it needs its own method")
     mode = normalise_mode(combine, name)
     cond, negative = encode_images(encoder, images, output, preparation or DEFAULT_PREPARATION, device=device,
@@ -167,11 +165,3 @@ def _layer_weights(unit):
 def release():
     """Forget loaded adapters (model switch, script unload)."""
     adapters.clear()
-
-
-def unet_device_dtype(unet: torch.nn.Module) -> Tuple[torch.device, torch.dtype]:
-    """Where the UNet computes: the device and dtype of its first floating-point parameter."""
-    for p in unet.parameters():
-        if p.is_floating_point():
-            return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
