@@ -116,7 +116,9 @@ class _Cache:
     def __init__(self):
         self.lock = threading.Lock()
         self.by_file: Dict[Tuple[str, int, float], ModelEntry] = {}
+        # the last listing, and the folders it is of: a listing of other folders is not reused
         self.entries: List[ModelEntry] = []
+        self.folders: Tuple[str, ...] = ()
 
 
 _cache = _Cache()
@@ -157,8 +159,9 @@ def list_models(folders: Iterable[str], refresh: bool = False) -> List[ModelEntr
     Names are unique: when two folders hold the same name, the first folder wins (the
     ``--identity-models-dir`` flag comes first) and the other is listed with its folder prefix.
     """
+    folders = tuple(folders)
     with _cache.lock:
-        if _cache.entries and not refresh:
+        if _cache.entries and not refresh and _cache.folders == folders:
             return list(_cache.entries)
         entries: List[ModelEntry] = []
         names = set()
@@ -169,7 +172,7 @@ def list_models(folders: Iterable[str], refresh: bool = False) -> List[ModelEntr
                     name = f"{os.path.basename(folder)}/{name}"
                 names.add(name.lower())
                 entries.append(_describe(path, name))
-        _cache.entries = entries
+        _cache.entries, _cache.folders = entries, folders
         return list(entries)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
 import os
 import re
@@ -212,12 +211,12 @@ def image_from_array(arr):
 def image_hash(img) -> str:
     """8 hex digits naming a picture by its pixels: the same image from the UI or the API hashes the same.
 
-    sha256 of the size and the RGB pixels, so file format, metadata and compression don't matter.
+    The first 8 hex digits of the digest the encoding cache keys on (size and RGB pixels), so
+    file format, metadata and compression don't matter.
     """
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
-    h = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
-    h.update(rgb.tobytes())
-    return h.hexdigest()[:8]
+    from .encoders.preprocess import image_digest
+
+    return image_digest(img)[:8]
 
 
 def encode_png_data_url(img) -> str:

@@ -274,6 +274,15 @@ def _as_mask(img):
     return _plain_image(img.convert("L"))
 
 
+def _rgb_copy(img):
+    """RGB as the encoders see it (transparency laid on white, ``encoders.to_rgb``), as our own copy:
+    callers' objects stay untouched."""
+    from .encoders.preprocess import to_rgb
+
+    rgb = to_rgb(img)
+    return rgb.copy() if rgb is img else rgb
+
+
 def _plain_image(img):
     # Our own copy: drop file metadata (EXIF, ICC, PNG text) so a picture is only its pixels.
     img.info = {}
@@ -297,7 +306,7 @@ class _Images:
             if item is None:
                 raise _Invalid(f"image {i} of {len(items)} is empty (null)")
             img = _image_or_invalid(item, ctx, label=f"image {i} of {len(items)}")
-            out.append(_plain_image(img.convert("RGB")))  # convert() copies: callers' objects stay untouched
+            out.append(_plain_image(_rgb_copy(img)))
         return tuple(out)
 
 
@@ -311,7 +320,7 @@ class _OneImage:
 
     def __call__(self, value, ctx):
         if not self.mask:
-            return _plain_image(_image_or_invalid(value, ctx).convert("RGB"))
+            return _plain_image(_rgb_copy(_image_or_invalid(value, ctx)))
         if ctx.source != API and isinstance(value, Mapping) and ("image" in value or "mask" in value):
             # gradio's image editor: the painted strokes are the mask; with nothing painted, the
             # uploaded picture itself is taken as the mask.

@@ -132,3 +132,12 @@ def test_cli_models_listing(models_root):
     assert r.returncode == 0, r.stderr
     listed = {e["name"]: e for e in json.loads(r.stdout)}
     assert listed["ip-adapter_sd15"]["usable"] and not listed["half-download"]["usable"]
+
+
+def test_a_listing_of_other_folders_is_not_reused(models_root, tmp_path):
+    other = tmp_path / "other"
+    write_manifest_layout("ip-adapter_sdxl", other, "safetensors")
+    first = discovery.list_models(discovery.model_folders(str(models_root)), refresh=True)
+    second = discovery.list_models([str(other)])  # no refresh asked: still the other folder's files
+    assert "ip-adapter_sdxl" not in {e.name for e in first}
+    assert [e.name for e in second] == ["ip-adapter_sdxl"]

@@ -133,7 +133,7 @@ def test_image_hash_is_pixels_and_size_only():
     tagged = U.Unit.from_api({"images": [b64(encoded(ref, pnginfo=meta))]}, 1)
     plain = U.Unit.from_api({"images": [b64(encoded(ref))]}, 1)
     assert tagged.image_hashes == plain.image_hashes
-    expected = hashlib.sha256(b"40x32:" + ref.tobytes()).hexdigest()[:8]  # the documented recipe
+    expected = hashlib.sha256(b"RGB:40x32:" + ref.tobytes()).hexdigest()[:8]  # the documented recipe
     assert plain.image_hashes == (expected,)
     other = picture(6).crop((0, 0, 32, 40 - 8))  # other size
     assert image_input.image_hash(other) != expected and image_input.image_hash(picture(7)) != expected
@@ -712,3 +712,11 @@ def test_field_docs_cover_every_field():
     assert [r["name"] for r in rows] == list(U.API_FIELDS) == list(U.UI_FIELDS)
     assert all(r["accepts"] and r["help"] for r in rows)
     assert {r["name"]: r["default"] for r in rows}["enabled"] is True
+
+
+def test_transparent_references_are_laid_on_white_as_the_encoder_would():
+    rgba = Image.new("RGBA", (8, 6), (10, 200, 30, 0))  # fully transparent green
+    rgba.putpixel((2, 2), (10, 200, 30, 255))
+    unit = U.Unit.from_api({"images": [b64(encoded(rgba))]}, 1)
+    img = unit.images[0]
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((2, 2)) == (10, 200, 30)
