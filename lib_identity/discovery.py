@@ -42,7 +42,7 @@ def short_hash(path: str) -> str:
     """The WebUI's old 8-hex model hash: sha256 of 64 KiB at offset 1 MiB (the weights file of a folder)."""
     if os.path.isdir(path):
         try:
-            path = formats._diffusers_weights(path)
+            path = formats.diffusers_weights(path)
         except CheckpointError:
             return ""
     h = hashlib.sha256()
@@ -125,7 +125,7 @@ _cache = _Cache()
 
 
 def _stat_key(path: str) -> Tuple[str, int, float]:
-    target = formats._diffusers_weights(path) if os.path.isdir(path) else path
+    target = formats.diffusers_weights(path) if os.path.isdir(path) else path
     st = os.stat(target)
     return (os.path.abspath(path), st.st_size, st.st_mtime)
 

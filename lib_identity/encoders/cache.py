@@ -97,7 +97,7 @@ def _file_identity(path: str) -> Tuple:
     parts: List[Tuple] = []
     files = [path]
     if os.path.isdir(path):
-        files = [formats._diffusers_weights(path)]
+        files = [formats.diffusers_weights(path)]
         cfg = os.path.join(path, "config.json")
         if os.path.isfile(cfg):
             files.append(cfg)

@@ -35,7 +35,7 @@ class AdapterCache:
 
     @staticmethod
     def _key(path: str) -> tuple:
-        target = formats._diffusers_weights(path) if os.path.isdir(path) else path
+        target = formats.diffusers_weights(path) if os.path.isdir(path) else path
         st = os.stat(target)
         return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
 

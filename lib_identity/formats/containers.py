@@ -1,0 +1,135 @@
+"""Reading the containers safely: safetensors headers, zip and legacy ``.bin`` with
+``weights_only``, and diffusers folders. Nothing here knows what the tensors mean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import zipfile
+
+from ..errors import CheckpointError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32", "F8_E4M3": "float8_e4m3fn"}
+
+
+def fail(path, reason):
+    raise CheckpointError(path, reason)
+
+
+def check_file(path: str):
+    if not os.path.exists(path):
+        fail(path, "no such file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        fail(path, "the file is empty (0 bytes); download it again")
+
+
+def safetensors_header(path: str):
+    """keys -> (shape, dtype) straight from the header, so nothing is read but the header."""
+    from safetensors import safe_open
+
+    try:
+        out = {}
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                out[key] = (tuple(sl.get_shape()), str(sl.get_dtype()))
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError
+        fail(path, f"not a readable .safetensors file ({short_error(e)}); the download may be truncated or corrupt")
+    size = os.path.getsize(path)
+    check_safetensors_length(path, size)
+    return out
+
+
+def check_safetensors_length(path: str, size: int):
+    # safe_open accepts a file cut short after its header; compare the data length the header
+    # promises with what is on disk so truncated downloads are reported, not half-loaded.
+    import struct
+
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            fail(path, "not a .safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(fh.read(n))
+        except Exception:
+            fail(path, "the .safetensors header is not valid JSON; the file is corrupt")
+    end = 0
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        end = max(end, meta["data_offsets"][1])
+    if size < 8 + n + end:
+        fail(path, f"the file is truncated: {size} bytes on disk, its header describes {8 + n + end}; download it again")
+
+
+def short_error(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:200]
+
+
+def torch_load_weights_only(path: str, mmap: bool = True):
+    """``torch.load`` that never runs code from the pickle: plain tensors and containers only."""
+    import torch
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            # mmap needs the zip container; old-style pickles are read whole instead.
+            if mmap and "mmap" in str(e).lower():
+                return torch.load(path, map_location="cpu", weights_only=True)
+            raise
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        m = re.search(r"(GLOBAL|Unsupported global:?)\s*([\w.]+(?:\s[\w.]+)?)", msg)
+        what = f" ({m.group(2)})" if m else ""
+        fail(
+            path,
+            f"refused: the file's pickle asks to run code{what}, which a weights file never needs. "
+            "It was not loaded. Use the official .safetensors or .bin file.",
+        )
+    except (zipfile.BadZipFile, EOFError) as e:
+        fail(path, f"the .bin file is truncated or corrupt ({short_error(e)}); download it again")
+    except RuntimeError as e:
+        fail(path, f"the .bin file is truncated, corrupt or not a torch file ({short_error(e)}); download it again")
+    except Exception as e:  # noqa: BLE001 - any other decoding failure is a bad file, said plainly
+        fail(path, f"not a readable torch file ({short_error(e)})")
+
+
+def flatten(obj, path: str, prefix: str = "", out=None):
+    import torch
+
+    if out is None:
+        out = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                fail(path, f"unexpected non-text key {k!r} in the checkpoint")
+            flatten(v, path, f"{prefix}.{k}" if prefix else k, out)
+    else:
+        fail(path, f"'{prefix or 'top level'}' holds a {type(obj).__name__}, not tensors; this is not a weights file")
+    return out
+
+
+
+def diffusers_weights(folder: str) -> str:
+    for name in (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "model.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+        "pytorch_model.bin",
+    ):
+        p = os.path.join(folder, name)
+        if os.path.isfile(p):
+            return p
+    fail(folder, "a folder with no diffusers/transformers weights file (diffusion_pytorch_model.safetensors or model.safetensors)")
