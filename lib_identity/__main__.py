@@ -1,4 +1,4 @@
-"""Command line: ``python -m lib_identity inspect PATH [--json]`` and ``python -m lib_identity models``."""
+"""Command line: ``python -m lib_identity inspect PATH [--json]``, ``models`` and ``fields``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,16 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _cmd_fields(args) -> int:
+    from . import units
+
+    if args.json:
+        print(json.dumps(units.field_docs(), indent=2, default=str))
+    else:
+        print(units.field_table_markdown(), end="")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib_identity", description="sd-webui-identity tools")
     parser.add_argument("--version", action="version", version=f"sd-webui-identity {__version__}")
@@ -61,6 +71,9 @@ def main(argv=None) -> int:
     p.add_argument("--dir", action="append", default=[], help="an extra model folder (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_models)
+    p = sub.add_parser("fields", help="every field of a unit (API, infotext, X/Y/Z), as README's Markdown table")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_fields)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -18,7 +18,7 @@ from PIL import Image
 from lib_identity import discovery, image_input
 from lib_identity import units as U
 from lib_identity.errors import IdentityError, UnitError
-from lib_identity.unit_infotext import (
+from lib_identity.units import (
     expand_infotext,
     infotext_key,
     units_from_infotext,

@@ -37,7 +37,7 @@ def webui(monkeypatch, tmp_path):
 
     from lib_identity import discovery
     from lib_identity.encoders import clip_vision
-    from lib_identity.webui import runtime
+    from lib_identity.webui import lookup, runtime
 
     unet = randomize_(build_ldm_unet(SD15, context_dim=CONTEXT[SD15]), seed=3).eval()
     folder = tmp_path / "identity-models"
@@ -48,7 +48,7 @@ def webui(monkeypatch, tmp_path):
     real = clip_vision.shipped_config
     monkeypatch.setattr(clip_vision, "shipped_config", lambda eid: dict(real(eid), **TINY_CLIP) if eid == "clip-vit-h" else real(eid))
     # the tiny encoder is no ViT-H the model folders would recognise: hand it over directly
-    monkeypatch.setattr(runtime, "find_encoder_for_run", lambda need: str(tmp_path / "encoder"))
+    monkeypatch.setattr(lookup, "find_encoder_for_run", lambda need: str(tmp_path / "encoder"))
 
     model = SimpleNamespace(is_sdxl=False, is_sd1=True, model=Wrapper(unet))
     callbacks = install_fake_modules(monkeypatch, models_path=tmp_path / "models", identity_models_dir=str(folder),

@@ -17,8 +17,8 @@ from .. import image_input
 from .. import units as U
 from ..errors import IdentityError
 from ..unet import PatchSession, remove_sessions
-from ..unit_infotext import write_infotext
-from . import folders, settings
+from ..units import write_infotext
+from . import folders, lookup, settings
 
 log = logging.getLogger("sd-webui-identity")
 
@@ -41,23 +41,6 @@ state = _State()
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def find_encoder_status(need: str):
-    """``(found, where-or-what-to-do)`` for a model's helper (CLIP encoder, face models, IdentityNet)."""
-    try:
-        return True, find_encoder_for_run(need)
-    except IdentityError as e:
-        return False, str(e)
-
-
-def find_encoder_for_run(need: str):
-    """What ``units.validate_for_run`` calls: the helper's path, or an ``IdentityError`` saying where to put it."""
-    from ..encoders import find_encoder
-
-    if need.startswith("clip-"):
-        return find_encoder(need, folders.model_folders())
-    raise IdentityError(U.ENCODER_HELP.get(need, "not supported in this version"))
 
 
 def _decode_image(text: str):
@@ -136,13 +119,11 @@ def process(p, args):
         if not any(u.enabled for u in units):
             write_infotext(p.extra_generation_params, [])
             return
-        from .ui import loaded_base
-
         resolved = U.validate_for_run(
             units,
-            base=loaded_base(),
+            base=lookup.loaded_base(),
             find_model=folders.find_model,
-            find_encoder=find_encoder_for_run,
+            find_encoder=lookup.find_encoder_for_run,
             model_names=lambda: [e.name for e in folders.list_models() if e.usable],
         )
         titles = {r.number: r.unit.model for r in resolved}

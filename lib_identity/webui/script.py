@@ -41,7 +41,7 @@ def register_callbacks():
     from modules import script_callbacks
 
     from . import api, settings, xyz
-    from ..unit_infotext import expand_infotext
+    from ..units import expand_infotext
 
     def on_infotext_pasted(infotext, params):
         expand_infotext(params, unit_count=settings.unit_count())

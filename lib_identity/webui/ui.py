@@ -1,49 +1,17 @@
-"""The "Identity" accordion: one tab per unit, components laid out in ``units.UI_FIELDS`` order."""
+"""The "Identity" accordion: one tab per unit, its components made from the field table.
+
+Each field of ``units.FIELDS`` becomes one component (its ``widget``, ``label``, ``row`` and
+``section``), in the table's order, which is also the order of the script's args. Two things
+ride along that are not fields: the model's status line (after the model's row) and the
+references' preview with the "needs" line that pasted infotext fills (after the pictures' row).
+"""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from itertools import groupby
 
 from .. import units as U
-from . import folders, settings
-
-# Fields that pasted infotext restores (images, masks and negative images are pictures: the
-# status line says which ones to add instead).
-PASTE_FIELDS = (
-    "enabled", "model", "image_weights", "weight", "start", "end", "combine", "preparation",
-    "crop_position", "layer_preset", "layer_weights", "uncond",
-)
-
-
-def loaded_base() -> Optional[str]:
-    """'sd15' / 'sdxl' for the loaded checkpoint, None when none is loaded or it is neither."""
-    try:
-        from modules import shared
-
-        model = shared.sd_model
-    except Exception:  # noqa: BLE001
-        return None
-    if model is None:
-        return None
-    if getattr(model, "is_sdxl", False):
-        return "sdxl"
-    if getattr(model, "is_sd1", False):
-        return "sd15"
-    return None
-
-
-def model_choices(refresh: bool = False) -> List[str]:
-    """Usable adapter models for the loaded checkpoint's base, as "name [hash]"."""
-    base = loaded_base()
-    out = ["None"]
-    for e in folders.list_models(refresh=refresh):
-        info = e.info
-        if info is None or info.family not in U.ADAPTER_FAMILIES:
-            continue
-        if base and info.base and info.base != base:
-            continue
-        out.append(e.title)
-    return out
+from . import folders, lookup, settings
 
 
 def model_status(model_title: str) -> str:
@@ -58,14 +26,12 @@ def model_status(model_title: str) -> str:
         return f"⚠ {entry.name}: {entry.error}"
     info = entry.info
     parts = [f"**{info.variant}** ({U.BASE_NAMES.get(info.base, info.base)}, {info.tokens} tokens)"]
-    base = loaded_base()
+    base = lookup.loaded_base()
     if base and info.base != base:
         parts.append(f"⚠ made for {U.BASE_NAMES.get(info.base)}, the loaded checkpoint is {U.BASE_NAMES.get(base)}")
-    from .runtime import find_encoder_status
-
     for need in U.required_encoders(info):
-        found, where = find_encoder_status(need)
-        name = U._describe_need(need)
+        found, where = lookup.find_encoder_status(need)
+        name = U.describe_need(need)
         parts.append(f"needs {name}: found" if found else f"needs {name}: **missing** — {where}")
     parts += [f"note: {h}" for h in info.hints]
     return " · ".join(parts)
@@ -81,89 +47,109 @@ def build(script, is_img2img: bool):
     components = []
     infotext_fields = []
     paste_names = []
-    choices = model_choices()
+    choices = lookup.model_choices()
 
     def eid(name):
         return f"identity_{tab}_{name}"
 
     with InputAccordion(False, label="Identity", elem_id=eid("enabled")) as accordion:
         components.append(accordion)
-        infotext_fields.append((accordion, lambda d: any(U._norm_word(str(k)).startswith("identity ") for k in d)))
+        infotext_fields.append((accordion, lambda d: any(U.norm_word(str(k)).startswith("identity ") for k in d)))
         with gr.Tabs():
             for number in range(1, count + 1):
                 with gr.Tab(f"Unit {number}", elem_id=eid(f"unit{number}")):
-                    c = _unit_block(gr, ToolButton, number, eid, choices)
+                    c = _unit_block(gr, ToolButton, number, lambda name, n=number: eid(f"unit{n}_{name}"), choices)
                     components.extend(c[f] for f in U.UI_FIELDS)
-                    for f in PASTE_FIELDS:
-                        key = f"Identity {number} {f}"
+                    for f in U.RESTORED_FIELDS:
+                        key = U.infotext_key(number, f)
                         infotext_fields.append((c[f], key))
                         paste_names.append(key)
-                    infotext_fields.append((c["needs"], f"Identity {number} needs"))
+                    infotext_fields.append((c["needs"], U.infotext_key(number, "needs")))
     script.infotext_fields = infotext_fields
     script.paste_field_names = paste_names
     return components
 
 
+def _component(gr, spec: U.FieldSpec, number: int, elem_id: str, choices):
+    """The gradio component of one field, as its ``widget`` says."""
+    label = spec.label.format(number=number)
+    visible = spec.visible_if is None or U.SPECS[spec.visible_if[0]].default == spec.visible_if[1]
+    kw = {"label": label, "elem_id": elem_id, "visible": visible}
+    w = spec.widget
+    if w == "checkbox":
+        return gr.Checkbox(value=spec.default, **kw)
+    if w == "model":
+        return gr.Dropdown(choices=choices, value="None", allow_custom_value=True, **kw)
+    if w == "files":
+        return gr.File(file_count="multiple", file_types=["image"], **kw)
+    if w == "slider":
+        lo, hi = spec.parse.lo, spec.parse.hi
+        return gr.Slider(minimum=lo, maximum=hi, step=spec.step or 0.01, value=spec.default, **kw)
+    if w == "radio":
+        return gr.Radio(choices=list(spec.parse.options), value=spec.default, **kw)
+    if w == "dropdown":
+        return gr.Dropdown(choices=list(spec.parse.options), value=spec.default, **kw)
+    if w == "textbox":
+        return gr.Textbox(placeholder=spec.parse.expected.split("(e.g. ")[-1].rstrip(")").strip('"'), **kw)
+    if w == "mask":
+        return gr.Image(type="pil", image_mode="RGBA", **kw)
+    if w == "image":
+        return gr.Image(type="pil", **kw)
+    raise ValueError(f"field {spec.name}: unknown widget {w!r}")
+
+
 def _unit_block(gr, ToolButton, number, eid, choices):
+    """One unit's tab: the table's rows in order; returns field name -> component (plus 'status', 'needs')."""
     c = {}
-    with gr.Row():
-        c["enabled"] = gr.Checkbox(label=f"Enable unit {number}", value=False, elem_id=eid(f"unit{number}_enabled"))
-        c["model"] = gr.Dropdown(label="Model", choices=choices, value="None", allow_custom_value=True,
-                                 elem_id=eid(f"unit{number}_model"))
-        refresh = ToolButton(value="\U0001f504", elem_id=eid(f"unit{number}_refresh"), tooltip="Look for new model files")
-    c["status"] = gr.Markdown(model_status("None"), elem_id=eid(f"unit{number}_status"))
-    with gr.Row():
-        c["images"] = gr.File(label="Reference images", file_count="multiple", file_types=["image"],
-                              elem_id=eid(f"unit{number}_images"))
-        preview = gr.Gallery(label="References", show_label=False, columns=4, height=160,
-                             elem_id=eid(f"unit{number}_preview"))
-    # filled by pasted infotext: which reference pictures the restored unit needs again
-    c["needs"] = gr.Markdown("", elem_id=eid(f"unit{number}_needs"))
-    with gr.Row():
-        c["weight"] = gr.Slider(label="Weight", minimum=U.WEIGHT_RANGE[0], maximum=U.WEIGHT_RANGE[1], step=0.05,
-                                value=1.0, elem_id=eid(f"unit{number}_weight"))
-        c["start"] = gr.Slider(label="Start (fraction of steps)", minimum=0, maximum=1, step=0.01, value=0.0,
-                               elem_id=eid(f"unit{number}_start"))
-        c["end"] = gr.Slider(label="End (fraction of steps)", minimum=0, maximum=1, step=0.01, value=1.0,
-                             elem_id=eid(f"unit{number}_end"))
-    with gr.Row():
-        c["combine"] = gr.Radio(label="Several images", choices=list(U.COMBINE_MODES), value="average",
-                                elem_id=eid(f"unit{number}_combine"))
-        c["image_weights"] = gr.Textbox(label="Image weights (one per image)", placeholder="1, 0.5", visible=False,
-                                        elem_id=eid(f"unit{number}_image_weights"))
-    with gr.Row():
-        c["preparation"] = gr.Radio(label="Fit to the encoder's square", choices=list(U.PREPARATIONS), value="crop",
-                                    elem_id=eid(f"unit{number}_preparation"))
-        c["crop_position"] = gr.Dropdown(label="Keep", choices=list(U.CROP_POSITIONS), value="center",
-                                         elem_id=eid(f"unit{number}_crop_position"))
-    with gr.Row():
-        c["layer_preset"] = gr.Dropdown(label="Layers", choices=list(U.LAYER_PRESET_CHOICES), value="standard",
-                                        elem_id=eid(f"unit{number}_layer_preset"))
-        c["layer_weights"] = gr.Textbox(label="Weight per cross-attention layer (16 SD1.5 / 70 SDXL)", visible=False,
-                                        placeholder="0, 0, 1, …", elem_id=eid(f"unit{number}_layer_weights"))
-    with gr.Accordion("Region and negative", open=False):
+    extras = {}
+    for section, specs in groupby(U.FIELDS, key=lambda s: s.section):
+        specs = list(specs)
+        if section is None:
+            _rows(gr, ToolButton, specs, number, eid, choices, c, extras)
+        else:
+            with gr.Accordion(section, open=False):
+                _rows(gr, ToolButton, specs, number, eid, choices, c, extras)
+    _wire(gr, c, extras)
+    return c
+
+
+def _rows(gr, ToolButton, specs, number, eid, choices, c, extras):
+    for _row, in_row in groupby(specs, key=lambda s: s.row):
+        in_row = list(in_row)
         with gr.Row():
-            c["mask"] = gr.Image(label="Region mask (white = where the unit acts)", type="pil", image_mode="RGBA",
-                                 elem_id=eid(f"unit{number}_mask"))
-            c["uncond"] = gr.Radio(label="Negative side", choices=list(U.UNCOND_MODES), value="zero",
-                                   elem_id=eid(f"unit{number}_uncond"))
-            c["negative_image"] = gr.Image(label="Negative image", type="pil", visible=False,
-                                           elem_id=eid(f"unit{number}_negative_image"))
+            for spec in in_row:
+                c[spec.name] = _component(gr, spec, number, eid(spec.name), choices)
+                if spec.widget == "model":
+                    extras["refresh"] = ToolButton(value="\U0001f504", elem_id=eid("refresh"), tooltip="Look for new model files")
+                elif spec.widget == "files":
+                    extras["preview"] = gr.Gallery(label="References", show_label=False, columns=4, height=160,
+                                                   elem_id=eid("preview"))
+        widgets = {s.widget for s in in_row}
+        if "model" in widgets:
+            c["status"] = gr.Markdown(model_status("None"), elem_id=eid("status"))
+        if "files" in widgets:
+            # filled by pasted infotext: which reference pictures the restored unit needs again
+            c["needs"] = gr.Markdown("", elem_id=eid("needs"))
+
+
+def _wire(gr, c, extras):
+    """Events: refresh and status for the model, the preview for the pictures, and ``visible_if``."""
+    model = next(s.name for s in U.FIELDS if s.widget == "model")
+    pictures = next(s.name for s in U.FIELDS if s.widget == "files")
 
     def on_refresh(current):
-        new = model_choices(refresh=True)
-        return gr.update(choices=new, value=current if current in new else current), model_status(current)
+        new = lookup.model_choices(refresh=True)
+        return gr.update(choices=new, value=current), model_status(current)
 
-    refresh.click(on_refresh, inputs=[c["model"]], outputs=[c["model"], c["status"]], show_progress=False)
-    c["model"].change(model_status, inputs=[c["model"]], outputs=[c["status"]], show_progress=False)
-    c["images"].change(lambda files: (_preview(files), ""), inputs=[c["images"]], outputs=[preview, c["needs"]],
+    extras["refresh"].click(on_refresh, inputs=[c[model]], outputs=[c[model], c["status"]], show_progress=False)
+    c[model].change(model_status, inputs=[c[model]], outputs=[c["status"]], show_progress=False)
+    c[pictures].change(lambda files: (_preview(files), ""), inputs=[c[pictures]], outputs=[extras["preview"], c["needs"]],
                        show_progress=False)
-    c["combine"].change(lambda m: gr.update(visible=m == U.WEIGHTED), inputs=[c["combine"]], outputs=[c["image_weights"]])
-    c["preparation"].change(lambda m: gr.update(visible=m == "crop"), inputs=[c["preparation"]], outputs=[c["crop_position"]])
-    c["layer_preset"].change(lambda m: gr.update(visible=m == U.CUSTOM_LAYERS), inputs=[c["layer_preset"]],
-                             outputs=[c["layer_weights"]])
-    c["uncond"].change(lambda m: gr.update(visible=m == "image"), inputs=[c["uncond"]], outputs=[c["negative_image"]])
-    return c
+    for spec in U.FIELDS:
+        if spec.visible_if is not None:
+            other, wanted = spec.visible_if
+            c[other].change(lambda value, wanted=wanted: gr.update(visible=value == wanted), inputs=[c[other]],
+                            outputs=[c[spec.name]], show_progress=False)
 
 
 def _preview(files):
@@ -173,5 +159,3 @@ def _preview(files):
         if name:
             out.append(name)
     return out
-
-

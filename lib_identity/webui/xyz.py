@@ -7,7 +7,7 @@ attributes between cells) and are applied by ``runtime.units_for`` through the U
 from __future__ import annotations
 
 from .. import units as U
-from . import settings
+from . import lookup, settings
 
 LABEL = "[Identity] Unit {number} {field}"
 _TYPES = {"weight": float, "start": float, "end": float}
@@ -42,9 +42,7 @@ def _confirm(field, number):
 def _choices(field):
     if field == "model":
         def models():
-            from .ui import model_choices
-
-            return model_choices()[1:]
+            return lookup.model_choices()[1:]
         return models
     options = U.axis_choices(field)
     return (lambda: list(options)) if options else None

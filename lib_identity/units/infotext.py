@@ -6,10 +6,11 @@ An entry looks like (the WebUI JSON-quotes the whole value, because it holds ``,
                  preparation: crop, layers: style, images: 1a2b3c4d+5e6f7a8b"
 
 Inside, ``key: value`` pairs; a value holding ``,``, ``:`` or ``"`` is JSON-quoted itself
-(custom layer weights, odd model names). Optional keys appear only when they differ from the
-default: ``image weights`` (combine 'weighted average'), ``crop position``, ``uncond``, ``mask`` and
-``negative image`` (content hashes). Images are recorded by ``image_input.image_hash``, so
-pasting says which pictures to add; pixels are never written.
+(custom layer weights, odd model names). The keys, their order and when each is written come
+from the field table (``FieldSpec.infotext`` and ``record``): e.g. ``image weights`` only with
+combine 'weighted average', ``uncond`` only when it is not 'zero'. Pictures (reference images,
+mask, negative image) come last, as ``image_input.image_hash`` content hashes, so pasting says
+which pictures to add; pixels are never written.
 
 Reading uses the same field parsers as the API, so a bad value fails with the unit and field.
 Unknown keys (from a newer version) are skipped and listed, not fatal.
@@ -21,19 +22,11 @@ import json
 import re
 from typing import Dict, List, Mapping, MutableMapping, Optional, Sequence
 
-from . import image_input
-from .errors import UnitError
-from .units import (
-    CUSTOM_LAYERS,
-    INFOTEXT,
-    LAYER_PRESETS,
-    WEIGHTED,
-    Unit,
-    _Context,
-    _fmt,
-    _norm_word,
-    _parse,
-)
+from .. import image_input
+from ..errors import UnitError
+from .fields import CUSTOM_LAYERS, FIELDS, LAYER_PRESETS
+from .parsers import INFOTEXT, Context, fmt_number, norm_word
+from .unit import Unit, parse_field
 
 INFOTEXT_KEY = "Identity {}"
 _KEY = re.compile(r"^Identity (\d+)$")
@@ -41,18 +34,10 @@ _HASH = re.compile(r"^[0-9a-f]{8}$")
 # One "key: value" pair of an entry, the value bare (up to the next comma) or JSON-quoted.
 _PAIR = re.compile(r'\s*(\w[\w \-]*?)\s*:\s*("(?:\\.|[^\\"])*"|[^,"]*?)\s*(?:,|$)')
 
-# infotext key -> Unit field, for the keys that are one field each
-_SIMPLE = {
-    "model": "model",
-    "weight": "weight",
-    "start": "start",
-    "end": "end",
-    "combine": "combine",
-    "preparation": "preparation",
-    "crop position": "crop_position",
-    "image weights": "image_weights",
-    "uncond": "uncond",
-}
+# infotext key -> Unit field, for the keys that are one field each (the field table's keys; the
+# layer keys and the pictures are read below)
+_SIMPLE = {f.infotext: f.name for f in FIELDS if f.infotext and not f.picture and f.infotext != "layers"}
+_PICTURES = {f.infotext: f for f in FIELDS if f.picture}
 
 
 def infotext_key(number: int, field: Optional[str] = None) -> str:
@@ -68,28 +53,39 @@ def _quote(text: str) -> str:
 
 
 def _numbers(values, sep: str) -> str:
-    return sep.join(_fmt(x) for x in values)
+    return sep.join(fmt_number(x) for x in values)
+
+
+def _text(value) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return fmt_number(value)
+    if isinstance(value, (tuple, list)):
+        return "+".join(_text(x) for x in value)
+    return str(value)
 
 
 def format_unit(unit: Unit, model_title: Optional[str] = None) -> str:
-    """The infotext value of one unit (before the WebUI's own quoting)."""
-    pairs = [("model", model_title or unit.model or "None"), ("weight", _fmt(unit.weight)),
-             ("start", _fmt(unit.start)), ("end", _fmt(unit.end)), ("combine", unit.combine)]
-    if unit.combine == WEIGHTED:
-        pairs.append(("image weights", _numbers(unit.image_weights, "+")))
-    pairs.append(("preparation", unit.preparation))
-    if unit.preparation == "crop" and unit.crop_position != "center":
-        pairs.append(("crop position", unit.crop_position))
-    pairs.append(("layers", _numbers(unit.layer_weights, ", ") if unit.layer_preset == CUSTOM_LAYERS else unit.layer_preset))
-    if unit.uncond != "zero":
-        pairs.append(("uncond", unit.uncond))
-    if unit.images:
-        pairs.append(("images", "+".join(unit.image_hashes)))
-    if unit.mask is not None:
-        pairs.append(("mask", image_input.image_hash(unit.mask)))
-    if unit.negative_image is not None:
-        pairs.append(("negative image", image_input.image_hash(unit.negative_image)))
-    return ", ".join(f"{k}: {_quote(v)}" for k, v in pairs)
+    """The infotext value of one unit (before the WebUI's own quoting): the field table's keys in its
+    order, each where its ``record`` rule says so; pictures (as content hashes) last."""
+    pairs, pictures = [], []
+    for spec in FIELDS:
+        if spec.infotext is None or (spec.record is not None and not spec.record(unit)):
+            continue
+        value = getattr(unit, spec.name)
+        if spec.name == "model":
+            text = model_title or unit.model or "None"
+        elif spec.name == "layer_preset":
+            text = _numbers(unit.layer_weights, ", ") if value == CUSTOM_LAYERS else value
+        elif spec.name == "images":
+            text = "+".join(unit.image_hashes)
+        elif spec.picture:
+            text = image_input.image_hash(value)
+        else:
+            text = _text(value)
+        (pictures if spec.picture else pairs).append((spec.infotext, text))
+    return ", ".join(f"{k}: {_quote(v)}" for k, v in pairs + pictures)
 
 
 def units_to_infotext(units: Sequence[Unit], *, model_titles: Optional[Mapping[int, str]] = None) -> Dict[str, str]:
@@ -145,23 +141,21 @@ def _read_entry(number: int, raw, strict: bool) -> dict:
     entry = {"number": number, "fields": {"enabled": True}, "images_needed": [], "mask_needed": None,
              "negative_image_needed": None, "errors": [], "ignored": [], "message": ""}
     fields = entry["fields"]
-    ctx = _Context(INFOTEXT)
+    ctx = Context(INFOTEXT)
     for key, value in _pairs(_unquote(str(raw)), number):
         try:
             if key in _SIMPLE:
-                fields[_SIMPLE[key]] = _parse(_SIMPLE[key], value, number, ctx)
+                fields[_SIMPLE[key]] = parse_field(_SIMPLE[key], value, number, ctx)
             elif key == "layers":
-                if _norm_word(value) in {_norm_word(p) for p in LAYER_PRESETS}:
-                    fields["layer_preset"] = _parse("layer_preset", value, number, ctx)
+                if norm_word(value) in {norm_word(p) for p in LAYER_PRESETS}:
+                    fields["layer_preset"] = parse_field("layer_preset", value, number, ctx)
                 else:
-                    fields["layer_weights"] = _parse("layer_weights", value, number, ctx)
+                    fields["layer_weights"] = parse_field("layer_weights", value, number, ctx)
                     fields["layer_preset"] = CUSTOM_LAYERS
-            elif key == "images":
-                entry["images_needed"] = _hashes(value, number, "images")
-            elif key == "mask":
-                entry["mask_needed"] = _hashes(value, number, "mask")[0]
-            elif key == "negative image":
-                entry["negative_image_needed"] = _hashes(value, number, "negative_image")[0]
+            elif key in _PICTURES:
+                name = _PICTURES[key].name
+                hashes = _hashes(value, number, name)
+                entry[f"{name}_needed"] = hashes if name == "images" else hashes[0]
             else:
                 entry["ignored"].append(key)
         except UnitError as e:
@@ -170,7 +164,7 @@ def _read_entry(number: int, raw, strict: bool) -> dict:
             entry["errors"].append(str(e))
     start, end = fields.get("start", 0.0), fields.get("end", 1.0)
     if end <= start:
-        e = UnitError(number, "end", f"expected a number above start ({_fmt(start)}), got {_fmt(end)}")
+        e = UnitError(number, "end", f"expected a number above start ({fmt_number(start)}), got {fmt_number(end)}")
         if strict:
             raise e
         entry["errors"].append(str(e))

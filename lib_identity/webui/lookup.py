@@ -1,0 +1,58 @@
+"""What the WebUI has loaded and where a unit's models are: shared by the accordion, the run and
+the X/Y/Z axes (so none of them imports another)."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from .. import units as U
+from ..errors import IdentityError
+from . import folders
+
+
+def loaded_base() -> Optional[str]:
+    """'sd15' / 'sdxl' for the loaded checkpoint, None when none is loaded or it is neither."""
+    try:
+        from modules import shared
+
+        model = shared.sd_model
+    except Exception:  # noqa: BLE001
+        return None
+    if model is None:
+        return None
+    if getattr(model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(model, "is_sd1", False):
+        return "sd15"
+    return None
+
+
+def model_choices(refresh: bool = False) -> List[str]:
+    """Usable adapter models for the loaded checkpoint's base, as "name [hash]"."""
+    base = loaded_base()
+    out = ["None"]
+    for e in folders.list_models(refresh=refresh):
+        info = e.info
+        if info is None or info.family not in U.ADAPTER_FAMILIES:
+            continue
+        if base and info.base and info.base != base:
+            continue
+        out.append(e.title)
+    return out
+
+
+def find_encoder_for_run(need: str):
+    """What ``units.validate_for_run`` calls: the helper's path, or an ``IdentityError`` saying where to put it."""
+    from ..encoders import find_encoder
+
+    if need.startswith("clip-"):
+        return find_encoder(need, folders.model_folders())
+    raise IdentityError(U.ENCODER_HELP.get(need, "not supported in this version"))
+
+
+def find_encoder_status(need: str) -> Tuple[bool, str]:
+    """``(found, where-or-what-to-do)`` for a model's helper (CLIP encoder, face models, IdentityNet)."""
+    try:
+        return True, find_encoder_for_run(need)
+    except IdentityError as e:
+        return False, str(e)
