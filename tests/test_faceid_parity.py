@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from faceid_helpers import diffusers_faceid, write_faceid
-from lib_identity import formats
+from lib_identity import api, formats
 from lib_identity.methods.faceid import faceid_prompt
 from lib_identity.models import load_adapter
 from lib_identity.unet import AttentionLoRA, PatchSession, remove_sessions
@@ -46,8 +46,12 @@ def inputs(layout, rows, seed=0):
             torch.randn(rows, 7, CONTEXT[layout], generator=g))
 
 
-def run_both(unets, layout, path, *, faces=1, weight=0.8, lora_weight=1.0, s_scale=1.0, batch=2, seed=0):
-    """Noise predictions of diffusers' FaceID, of our patched ldm UNet and of the bare ldm UNet."""
+def run_both(unets, layout, path, *, faces=1, weight=0.8, lora_weight=1.0, s_scale=1.0, batch=2, seed=0,
+             through_api=False):
+    """Noise predictions of diffusers' FaceID, of our patched ldm UNet and of the bare ldm UNet.
+
+    ``through_api``: ours as another extension would call it (``api.load_faceid``,
+    ``api.faceid_prompt``, ``api.apply``)."""
     ldm, base = unets[layout]
     info = formats.inspect(str(path))
     plus = info.projection == "faceid-plus"
@@ -64,12 +68,17 @@ def run_both(unets, layout, path, *, faces=1, weight=0.8, lora_weight=1.0, s_sca
         projection.clip_embeds = torch.stack([clip] * batch + [clip_zero.expand(faces, -1, -1)] * batch)
         projection.shortcut, projection.shortcut_scale = "v2" in info.variant, s_scale
         extra = dict(clip_hidden=clip, uncond_clip_hidden=clip_zero, s_scale=s_scale)
-    image_proj, ip_layers = load_adapter(info, formats.load_tensors(str(path)))
-    unit = faceid_prompt(info, image_proj, ip_layers, raw, lora_weight=lora_weight, weight=weight, **extra)
+    if through_api:
+        unit = api.faceid_prompt(api.load_faceid(path), list(raw), lora_weight=lora_weight, weight=weight)
+        session = api.apply(ldm, [unit])
+    else:
+        image_proj, ip_layers = load_adapter(info, formats.load_tensors(str(path)))
+        unit = faceid_prompt(info, image_proj, ip_layers, raw, lora_weight=lora_weight, weight=weight, **extra)
+        session = PatchSession(ldm, [unit.prompt], loras=[unit.lora])
     x, t, context = inputs(layout, rows, seed)
     with torch.no_grad():
         expected = dunet(x, t, encoder_hidden_states=context, added_cond_kwargs={"image_embeds": [embeds]}).sample
-        with PatchSession(ldm, [unit.prompt], loras=[unit.lora]) as session:
+        with session:
             session.begin_step(n_cond=batch, progress=0.5)
             got = ldm(x, t, context=context)
         bare = ldm(x, t, context=context)
@@ -79,7 +88,7 @@ def run_both(unets, layout, path, *, faces=1, weight=0.8, lora_weight=1.0, s_sca
 @pytest.mark.parametrize("layout", [SD15, SDXL])
 def test_faceid_with_its_lora_matches_diffusers(unets, tmp_path, layout):
     path = write_faceid(tmp_path, unets[layout][0], "faceid", seed=1)
-    expected, got, bare, unit = run_both(unets, layout, path, weight=0.8, lora_weight=0.7)
+    expected, got, bare, unit = run_both(unets, layout, path, weight=0.8, lora_weight=0.7, through_api=layout == SD15)
     assert unit.lora is not None and (expected - bare).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
@@ -160,3 +169,15 @@ def test_the_lora_is_removed_when_sampling_raises(unets, tmp_path):
                 raise KeyboardInterrupt  # the user pressed Interrupt
         assert torch.equal(ldm(x, t, context=context), bare)
     assert hook_counts(ldm) == hooks
+
+
+def test_the_api_loads_only_faceid_files_and_plus_needs_its_crops(unets, tmp_path):
+    from lib_identity.errors import PatchError
+    from unet_helpers import write_adapter
+
+    ldm = unets[SD15][0]
+    with pytest.raises(PatchError, match="not an IP-Adapter FaceID model; load it with load_ip_adapter"):
+        api.load_faceid(write_adapter(tmp_path, ldm, "linear", seed=1))
+    plus = api.load_faceid(write_faceid(tmp_path, ldm, "plusv2", seed=2))
+    with pytest.raises(PatchError, match="needs face_crops .aligned at 224. and the CLIP ViT-H clip_encoder"):
+        api.faceid_prompt(plus, torch.randn(1, 512))
