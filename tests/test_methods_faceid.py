@@ -15,7 +15,7 @@ from PIL import Image
 
 import lib_identity.encoders
 from lib_identity import models
-from lib_identity.errors import PatchError
+from lib_identity.errors import PatchError, UnitError
 from lib_identity.formats import ModelInfo
 from lib_identity.methods import faceid
 from lib_identity.models.ip_layers import FaceIDLoRA
@@ -193,3 +193,43 @@ def test_plus_encodes_the_aligned_224_crop_of_the_chosen_face(fake_faces, monkey
     torch.testing.assert_close(unit.prompt.cond_tokens, want)
     with pytest.raises(PatchError, match="needs the CLIP ViT-H image encoder"):
         faceid.from_pictures(info, image_proj, ip_layers, [Image.new("RGB", (60, 40))], pack_dir="p")
+
+
+def write_small_file(info, path):
+    """A file with exactly the tensors ``info`` describes (official names), LoRA included."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(4)
+    flat = {f"image_proj.{k}": v.contiguous() for k, v in models.build_image_proj(info).state_dict().items()}
+    flat.update({f"ip_adapter.{k}": v.contiguous() for k, v in models.build_ip_layers(info).state_dict().items()})
+    for m, h in enumerate(info.params["ip_hidden_sizes"]):
+        for n in (2 * m, 2 * m + 1):
+            for p in ("to_q", "to_k", "to_v", "to_out"):
+                width_in = C if n % 2 and p in ("to_k", "to_v") else h
+                flat[f"ip_adapter.{n}.{p}_lora.down.weight"] = torch.randn(2, width_in)
+                flat[f"ip_adapter.{n}.{p}_lora.up.weight"] = torch.randn(h, 2)
+    save_file(flat, str(path))
+    return str(path)
+
+
+def test_prepare_takes_the_units_knobs_and_the_faceid_ones(fake_faces, tmp_path):
+    from lib_identity.discovery import ModelEntry
+    from lib_identity.methods.ip_adapter import adapters
+    from lib_identity.units import ResolvedUnit, Unit
+
+    path = write_small_file(FACEID, tmp_path / "ip-adapter-faceid_sd15.safetensors")
+    entry = ModelEntry(name="ip-adapter-faceid_sd15", path=path, short_hash="abcd1234", info=FACEID)
+    unit = Unit(enabled=True, model=entry.name, images=(Image.new("RGB", (60, 40)),), image_weights=(1.0,),
+                weight=0.7, start=0.2, end=0.6)
+    resolved = ResolvedUnit(3, unit, entry, {"insightface:buffalo_l": "/packs/buffalo_l"})
+    try:
+        got = faceid.prepare(resolved, device="cpu", dtype=torch.float32, face=1, s_scale=1.0, lora_weight=0.25)
+    finally:
+        adapters.clear()
+    assert (got.prompt.weight, got.prompt.start, got.prompt.end, got.prompt.name) == (0.7, 0.2, 0.6, "Identity unit 3")
+    assert got.lora.weight == 0.25 and sorted(got.lora.layers.layers) == [0, 1, 2, 3]
+    assert ("pick", 1, 3, "reference image 1") in fake_faces.calls
+    assert ("analyse", (60, 40), "/packs/buffalo_l", 640) in fake_faces.calls
+    missing = ResolvedUnit(3, unit, entry, {})
+    with pytest.raises(UnitError, match="Identity unit 3.*insightface 'buffalo_l' face models"):
+        faceid.prepare(missing, device="cpu", dtype=torch.float32)
