@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lib_identity.errors import PatchError
 from lib_identity.unet import AttentionLoRA, PatchSession, attention_modules, find_cross_attentions, remove_sessions
-from unet_helpers import hook_counts, random_prompt, unet_inputs
+from unet_helpers import hook_counts, random_prompt
 from unet_models import SD15, build_ldm_unet, randomize_
 
 C = 32
