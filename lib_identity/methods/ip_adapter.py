@@ -135,10 +135,12 @@ def prepare(resolved, *, device, dtype) -> ImagePrompt:
     )
 
 
-def _project(image_proj: torch.nn.Module, x: torch.Tensor, device, dtype) -> torch.Tensor:
+def _project(image_proj: torch.nn.Module, x: torch.Tensor, device, dtype, *more: torch.Tensor, **options) -> torch.Tensor:
     """Run the projection on ``device`` and put it back where it was kept.
 
-    Half precision on the CPU lacks kernels in older torch (LayerNorm), so the CPU computes in fp32.
+    ``more``: further tensor inputs (FaceID-Plus's CLIP features), ``options``: keyword
+    arguments of the projection (its ``scale``). Half precision on the CPU lacks kernels in
+    older torch (LayerNorm), so the CPU computes in fp32.
     """
     device = torch.device(device) if device is not None else next(image_proj.parameters()).device
     dtype = dtype or next(image_proj.parameters()).dtype
@@ -148,7 +150,8 @@ def _project(image_proj: torch.nn.Module, x: torch.Tensor, device, dtype) -> tor
     try:
         with torch.no_grad():
             image_proj.to(device=device, dtype=compute)
-            out = image_proj(x.to(device=device, dtype=compute))
+            out = image_proj(x.to(device=device, dtype=compute), *(t.to(device=device, dtype=compute) for t in more),
+                             **options)
     finally:
         image_proj.to(device=home_device, dtype=home_dtype)
     return out.to(dtype)

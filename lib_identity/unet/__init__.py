@@ -6,6 +6,8 @@ Public API (see README, "Using the UNet patch from Python"):
   layer weights, mask, reference combination).
 * ``PatchSession(unet, prompts)``: installs them for one sampling pass; ``begin_step`` per
   denoiser step; removes them on ``remove()`` / leaving the ``with`` block.
+* ``AttentionLoRA``: a unit's LoRA on the attention projections (FaceID), for
+  ``PatchSession(unet, prompts, loras=[...])``; added by hooks, never merged into the weights.
 * ``remove_sessions(owner)``: removes sessions left installed by a run that raised.
 * ``find_cross_attentions(unet)``: the cross-attention layers in official adapter order.
 * ``PRESETS``, ``COMBINE_MODES``: the accepted layer-weight presets and combine modes.
@@ -16,11 +18,13 @@ Nothing here imports ``ldm``, ``sgm`` or the WebUI.
 from .image_prompt import ImagePrompt
 from .layer_weights import PRESETS, resolve_layer_weights
 from .layers import CrossAttentionLayer, attention_blocks, find_cross_attentions
+from .lora import AttentionLoRA, attention_modules
 from .references import COMBINE_MODES, combine_references
 from .rows import CondRows
 from .session import DEFAULT_OWNER, PatchSession, live_sessions, remove_sessions
 
 __all__ = [
+    "AttentionLoRA",
     "COMBINE_MODES",
     "CondRows",
     "CrossAttentionLayer",
@@ -29,6 +33,7 @@ __all__ = [
     "PRESETS",
     "PatchSession",
     "attention_blocks",
+    "attention_modules",
     "combine_references",
     "find_cross_attentions",
     "live_sessions",

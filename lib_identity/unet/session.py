@@ -18,6 +18,10 @@ never replaces a ``forward``. Hooks are removed by their own handles, so removal
 what the session added, whatever others re-assigned in the meantime, and afterwards the UNet
 computes exactly what it did before.
 
+A unit may also bring a LoRA on the attention projections (FaceID files carry one):
+``PatchSession(unet, prompts, loras=[AttentionLoRA(...)])``. Its forward hooks (``lora.py``) are
+installed and removed with the others, by their handles, in the same ``install``/``remove``.
+
 A forward pre-hook on the UNet itself records each call's batch (for ``CondRows``) and latent
 size (for masks). Callers that run the UNet through something else can pass
 ``track_calls=False`` and call ``begin_call(x)`` themselves.
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 
 from .image_prompt import ImagePrompt, PreparedPrompt
 from .layers import CrossAttentionLayer, find_cross_attentions
+from .lora import AttentionLoRA, PreparedLoRA, prepare_loras
 from .rows import CondRows
 
 log = logging.getLogger(__name__)
@@ -140,15 +145,16 @@ class PatchSession:
     """Image prompts applied to one UNet until ``remove()``; see the module docstring.
 
     ``unet`` is the ldm/sgm UNetModel (A1111: ``shared.sd_model.model.diffusion_model``),
-    ``prompts`` the units' ``ImagePrompt``s. Use it as a context manager, or call
-    ``install()`` and ``remove()``. Everything a unit got wrong raises ``PatchError`` from
-    ``install()``, before the UNet is touched.
+    ``prompts`` the units' ``ImagePrompt``s, ``loras`` their ``AttentionLoRA``s (FaceID). Use it
+    as a context manager, or call ``install()`` and ``remove()``. Everything a unit got wrong
+    raises ``PatchError`` from ``install()``, before the UNet is touched.
     """
 
     def __init__(self, unet: torch.nn.Module, prompts: Sequence[ImagePrompt], *,
-                 owner: str = DEFAULT_OWNER, track_calls: bool = True):
+                 owner: str = DEFAULT_OWNER, track_calls: bool = True, loras: Sequence[AttentionLoRA] = ()):
         self.unet = unet
         self.prompts = list(prompts)
+        self.loras = [lora for lora in loras if lora is not None]
         self.owner = owner
         self.track_calls = track_calls
         self.rows = CondRows()
@@ -157,6 +163,7 @@ class PatchSession:
         self.layers: List[CrossAttentionLayer] = []
         self.prepared: List[PreparedPrompt] = []
         self._patches: List[_LayerPatch] = []
+        self._loras: List[PreparedLoRA] = []
         self._unet_handle = None
         self._installed = False
 
@@ -173,8 +180,12 @@ class PatchSession:
         remove_sessions(self.owner)
         layers = find_cross_attentions(self.unet)
         prepared = [PreparedPrompt(p, layers) for p in self.prompts]
+        loras = prepare_loras(self.unet, layers, self.loras)
         self.layers, self.prepared = layers, prepared
         try:
+            for lora in loras:
+                self._loras.append(lora)
+                lora.install()
             for layer in layers:
                 entries = [(p, p.layer_weight(layer.ordinal)) for p in prepared]
                 entries = [(p, w) for p, w in entries if w != 0.0]
@@ -207,6 +218,9 @@ class PatchSession:
         for patch in self._patches:
             patch.remove()
         self._patches.clear()
+        for lora in self._loras:
+            lora.remove()
+        self._loras.clear()
         if self._unet_handle is not None:
             self._unet_handle.remove()
             self._unet_handle = None
