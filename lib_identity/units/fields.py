@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..formats import CROSS_ATTENTION_LAYERS
 from ..unet.layer_weights import PRESETS
 from ..unet.references import COMBINE_MODES as REFERENCE_COMBINE_MODES
-from .parsers import MAX_IMAGES, Bool, Choice, Images, ModelName, Number, Numbers, OneImage
+from .parsers import MAX_IMAGES, Bool, Choice, FaceChoice, Images, ModelName, Number, Numbers, OneImage
 
 # The layer-weight presets and combine modes are named where they are implemented, so the UI,
 # the API, infotext and X/Y/Z offer exactly what the UNet code does.
@@ -44,9 +44,12 @@ METHOD_OF_FAMILY = {
 }
 ATTENTION_METHODS = ("ip-adapter", "faceid", "instantid")  # the ones that add image tokens to cross-attention
 CLIP_METHODS = ("ip-adapter", "photomaker")  # the ones that fit whole pictures to a CLIP encoder
+FACE_METHODS = ("faceid", "instantid", "photomaker")  # the ones that start from insightface's faces
+S_SCALE_RANGE = (0.0, 3.0)
+LORA_WEIGHT_RANGE = (0.0, 2.0)
 
 # Where a field's component goes in a unit's tab.
-WIDGETS = ("checkbox", "model", "files", "slider", "radio", "dropdown", "textbox", "image", "mask")
+WIDGETS = ("checkbox", "model", "files", "slider", "radio", "dropdown", "textbox", "image", "mask", "face")
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,16 @@ FIELDS: Tuple[FieldSpec, ...] = (
               "Negative image", "image", "region", section="Region and negative", visible_if=("uncond", "image"),
               infotext="negative image", record=lambda u: u.negative_image is not None, picture=True,
               overridable=False, methods=("ip-adapter",)),
+    FieldSpec("face", "largest", FaceChoice(), "which face of each reference picture the unit uses; the face picker "
+              "numbers them, largest first", "Face", "face", "face", infotext="face",
+              record=_unless_default("face", "largest"), axis=True, methods=FACE_METHODS),
+    FieldSpec("s_scale", 1.0, Number(*S_SCALE_RANGE), "FaceID-Plus v2: how much the CLIP features of the face crop "
+              "add to the face tokens (the official s_scale)", "Face structure (s_scale, FaceID-Plus v2)", "slider",
+              "faceid", step=0.05, infotext="s scale", record=_unless_default("s_scale", 1.0), axis=True,
+              methods=("faceid",)),
+    FieldSpec("lora_weight", 1.0, Number(*LORA_WEIGHT_RANGE), "FaceID: strength of the LoRA inside the FaceID file "
+              "(0 turns it off; files without one ignore it)", "FaceID LoRA weight", "slider", "faceid", step=0.05,
+              infotext="lora weight", record=_unless_default("lora_weight", 1.0), axis=True, methods=("faceid",)),
 )
 
 SPECS: Dict[str, FieldSpec] = {f.name: f for f in FIELDS}

@@ -153,6 +153,52 @@ class Choice:
         raise got(self.expected, value)
 
 
+class FaceChoice:
+    """Which face of a picture: ``"largest"``, an index in the face picker's numbering (0 = the
+    largest face), or a box ``[x0, y0, x1, y1]`` in picture pixels (the face overlapping it most)."""
+
+    expected = ("'largest', a face index (0 = the largest face; the face picker numbers them), "
+                "or a box [x0, y0, x1, y1] in picture pixels")
+    most_faces = 100
+
+    def __call__(self, value, ctx):
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("largest", "auto", ""):
+                return "largest"
+            if text.isdigit():
+                return self._index(int(text), value)
+            parts = [t for t in re.split(r"[\s,;+]+", text.strip("[]()")) if t]
+            if len(parts) == 4:
+                return self._box(parts, value)
+            raise got(self.expected, value)
+        if isinstance(value, bool) or type(value).__name__ == "bool_":
+            raise got(self.expected, value)
+        if isinstance(value, numbers.Integral):
+            return self._index(int(value), value)
+        if isinstance(value, numbers.Real) and float(value).is_integer():
+            return self._index(int(value), value)
+        if isinstance(value, (list, tuple)) and len(value) == 4:
+            return self._box(value, value)
+        raise got(self.expected, value)
+
+    def _index(self, index: int, value):
+        if not 0 <= index < self.most_faces:
+            raise got(self.expected, value)
+        return index
+
+    def _box(self, parts, value):
+        box = []
+        for part in parts:
+            x = Number(-1e6, 1e6).number(part)
+            if x is None:
+                raise got(self.expected, value)
+            box.append(x)
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise Invalid(f"expected a box [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {show_value(value)}")
+        return tuple(box)
+
+
 class ModelName:
     expected = "a model name as GET /identity/v1/models lists it (e.g. 'ip-adapter_sd15' or 'ip-adapter_sd15 [0123abcd]')"
 

@@ -56,3 +56,22 @@ def find_encoder_status(need: str) -> Tuple[bool, str]:
         return True, find_encoder_for_run(need)
     except IdentityError as e:
         return False, str(e)
+
+
+def upload_opener():
+    """Opens gradio's uploads by path, only below the WebUI's temp folders (``image_input.upload_opener``)."""
+    import os
+    import tempfile
+
+    from .. import image_input
+
+    roots = []
+    try:
+        from modules import shared
+
+        if shared.opts.data.get("temp_dir"):
+            roots.append(shared.opts.data["temp_dir"])
+    except Exception:  # noqa: BLE001 - outside a WebUI only gradio's own temp folder counts
+        pass
+    roots.append(os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio"))
+    return image_input.upload_opener(roots)

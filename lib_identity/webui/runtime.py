@@ -47,23 +47,6 @@ def _decode_image(text: str):
     return image_input.decode_image_string(text)
 
 
-def _upload_opener():
-    import tempfile
-
-    roots = []
-    try:
-        from modules import shared
-
-        if shared.opts.data.get("temp_dir"):
-            roots.append(shared.opts.data["temp_dir"])
-    except Exception:  # noqa: BLE001
-        pass
-    import os
-
-    roots.append(os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio"))
-    return image_input.upload_opener(roots)
-
-
 def _cond_rows(text_cond) -> int:
     if isinstance(text_cond, dict):
         text_cond = text_cond.get("crossattn")
@@ -104,7 +87,7 @@ def _fail(p, error: BaseException):
 def units_for(p, args) -> List[U.Unit]:
     """The script args plus any X/Y/Z overrides of this cell, as Units."""
     units = U.parse_script_args(args, unit_count=settings.unit_count(), decode_image=_decode_image,
-                                open_upload=_upload_opener())
+                                open_upload=lookup.upload_opener())
     overrides = getattr(p, "identity_overrides", None)
     if overrides:
         units = U.apply_overrides(units, overrides)
@@ -163,7 +146,7 @@ def before_sampling(p):
     from modules import devices, script_callbacks
 
     from ..encoders import default_cache, set_offload_policy
-    from ..methods import ip_adapter
+    from ..methods import prepare_units
 
     try:
         if state.session is not None:
@@ -172,8 +155,8 @@ def before_sampling(p):
         set_offload_policy(settings.option("identity_encoder_offload"))
         default_cache().resize(max(0, int(settings.option("identity_cache_size"))))
         unet = p.sd_model.model.diffusion_model
-        prompts = [ip_adapter.prepare(r, device=devices.device, dtype=devices.dtype_unet) for r in state.resolved]
-        session = PatchSession(unet, prompts, owner=OWNER).install()
+        parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet)
+        session = PatchSession(unet, parts.prompts, owner=OWNER, loras=parts.loras).install()
         state.session = session
 
         def on_cfg_denoiser(params):

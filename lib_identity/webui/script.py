@@ -49,10 +49,10 @@ def register_callbacks():
     def on_unloaded():
         runtime.cleanup()
         from ..encoders import release_encoders
-        from ..methods import ip_adapter
+        from .. import methods
 
         release_encoders()
-        ip_adapter.release()
+        methods.release()
 
     def on_model_loaded(sd_model):
         runtime.cleanup()

@@ -13,6 +13,9 @@ from itertools import groupby
 from .. import units as U
 from . import folders, lookup, settings
 
+# what the face dropdown offers; a box [x0, y0, x1, y1] can be typed (or pasted from infotext) too
+FACE_CHOICES = ("largest",) + tuple(str(i) for i in range(8))
+
 
 def model_status(model_title: str) -> str:
     """One line: what the chosen model is and whether what it needs is there."""
@@ -95,6 +98,8 @@ def _component(gr, spec: U.FieldSpec, number: int, elem_id: str, choices):
         return gr.Image(type="pil", image_mode="RGBA", **kw)
     if w == "image":
         return gr.Image(type="pil", **kw)
+    if w == "face":
+        return gr.Dropdown(choices=list(FACE_CHOICES), value=spec.default, allow_custom_value=True, **kw)
     raise ValueError(f"field {spec.name}: unknown widget {w!r}")
 
 
@@ -124,18 +129,49 @@ def _rows(gr, ToolButton, specs, number, eid, choices, c, extras):
                 elif spec.widget == "files":
                     extras["preview"] = gr.Gallery(label="References", show_label=False, columns=4, height=160,
                                                    elem_id=eid("preview"))
+                elif spec.widget == "face":
+                    extras["faces"] = gr.Gallery(label="Faces found (numbered as the Face choice counts them)",
+                                                 columns=4, height=200, elem_id=eid("faces"), visible=False)
         widgets = {s.widget for s in in_row}
         if "model" in widgets:
             c["status"] = gr.Markdown(model_status("None"), elem_id=eid("status"))
         if "files" in widgets:
             # filled by pasted infotext: which reference pictures the restored unit needs again
             c["needs"] = gr.Markdown("", elem_id=eid("needs"))
+        if "face" in widgets:
+            extras["faces_status"] = gr.Markdown("", elem_id=eid("faces_status"), visible=False)
+
+
+def method_of(model_title) -> "str | None":
+    """The method ('ip-adapter', 'faceid', …) of the chosen model, None when none or unknown."""
+    if not model_title or model_title == "None":
+        return None
+    try:
+        info = folders.find_model(model_title).info
+    except Exception:  # noqa: BLE001 - an unknown model shows every control; the run explains
+        return None
+    return U.METHOD_OF_FAMILY.get(info.family) if info is not None else None
+
+
+def visible_fields(method, values: dict) -> dict:
+    """Field -> shown, for the fields that depend on the model's method or on another field's value."""
+    out = {}
+    for spec in U.FIELDS:
+        shown = method is None or method in spec.methods
+        if spec.visible_if is not None:
+            other, wanted = spec.visible_if
+            shown = shown and values.get(other, U.SPECS[other].default) == wanted
+        if spec.methods != U.METHODS or spec.visible_if is not None:
+            out[spec.name] = shown
+    return out
 
 
 def _wire(gr, c, extras):
-    """Events: refresh and status for the model, the preview for the pictures, and ``visible_if``."""
+    """Events: refresh and status for the model, previews for the pictures and their faces, and
+    which controls show (the model's method and ``visible_if``)."""
     model = next(s.name for s in U.FIELDS if s.widget == "model")
     pictures = next(s.name for s in U.FIELDS if s.widget == "files")
+    face = next(s.name for s in U.FIELDS if s.widget == "face")
 
     def on_refresh(current):
         new = lookup.model_choices(refresh=True)
@@ -145,11 +181,55 @@ def _wire(gr, c, extras):
     c[model].change(model_status, inputs=[c[model]], outputs=[c["status"]], show_progress=False)
     c[pictures].change(lambda files: (_preview(files), ""), inputs=[c[pictures]], outputs=[extras["preview"], c["needs"]],
                        show_progress=False)
-    for spec in U.FIELDS:
-        if spec.visible_if is not None:
-            other, wanted = spec.visible_if
-            c[other].change(lambda value, wanted=wanted: gr.update(visible=value == wanted), inputs=[c[other]],
-                            outputs=[c[spec.name]], show_progress=False)
+
+    dependent = [name for name in visible_fields(None, {})]
+    sources = [model] + sorted({s.visible_if[0] for s in U.FIELDS if s.visible_if})
+
+    def on_change(*values):
+        shown = visible_fields(method_of(values[0]), dict(zip(sources, values)))
+        return [gr.update(visible=shown[name]) for name in dependent]
+
+    for source in sources:
+        c[source].change(on_change, inputs=[c[s] for s in sources], outputs=[c[n] for n in dependent], show_progress=False)
+
+    def on_faces(files, model_title):
+        gallery, status = face_picker(files, model_title)
+        shown = method_of(model_title) in U.SPECS[face].methods and bool(files)
+        return gr.update(value=gallery, visible=shown and bool(gallery)), gr.update(value=status, visible=shown and bool(status))
+
+    for trigger in (pictures, model):
+        c[trigger].change(on_faces, inputs=[c[pictures], c[model]], outputs=[extras["faces"], extras["faces_status"]],
+                          show_progress=False)
+
+
+def face_picker(files, model_title):
+    """The face picker: each reference picture with its faces boxed and numbered, and a status line
+    (the face pack that is missing, a picture without a face)."""
+    method = method_of(model_title)
+    if method not in U.SPECS["face"].methods or not files:
+        return [], ""
+    info = folders.find_model(model_title).info
+    need = f"insightface:{info.face_model or 'buffalo_l'}"
+    found, pack = lookup.find_encoder_status(need)
+    if not found:
+        return [], f"⚠ {pack}"
+    from ..encoders import faces as face_analysis
+
+    open_upload = lookup.upload_opener()
+
+    gallery, notes = [], []
+    for i, f in enumerate(files, 1):
+        name = getattr(f, "name", None) or (f.get("name") if isinstance(f, dict) else None)
+        try:
+            image = open_upload(name)
+            found_faces = face_analysis.analyse_faces(image, pack)
+        except Exception as e:  # noqa: BLE001 - the picker explains, the run refuses
+            notes.append(f"picture {i}: {e}")
+            continue
+        if not found_faces:
+            notes.append(f"picture {i}: no face found")
+        gallery.append((face_analysis.draw_faces(image, found_faces), f"picture {i}: {len(found_faces)} face(s)"))
+    return gallery, " · ".join(notes)
 
 
 def _preview(files):

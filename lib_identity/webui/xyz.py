@@ -10,7 +10,8 @@ from .. import units as U
 from . import lookup, settings
 
 LABEL = "[Identity] Unit {number} {field}"
-_TYPES = {"weight": float, "start": float, "end": float}
+# numbers (sliders) take the WebUI's range syntax ("0.2-1 (+0.2)"), everything else is text
+_TYPES = {f.name: float for f in U.FIELDS if f.widget == "slider"}
 
 
 def _find_xyz_module():
