@@ -181,7 +181,7 @@ def before_sampling(p):
         return
     from modules import devices, script_callbacks
 
-    from ..encoders import default_cache, set_offload_policy
+    from ..encoders import default_cache, default_face_cache, set_offload_policy
     from ..methods import ip_adapter
 
     try:
@@ -190,6 +190,7 @@ def before_sampling(p):
             state.session = None
         set_offload_policy(settings.option("identity_encoder_offload"))
         default_cache().resize(max(0, int(settings.option("identity_cache_size"))))
+        default_face_cache().resize(max(0, int(settings.option("identity_cache_size"))))
         unet = p.sd_model.model.diffusion_model
         prompts = [ip_adapter.prepare(r, device=devices.device, dtype=devices.dtype_unet) for r in state.resolved]
         session = PatchSession(unet, prompts, owner=OWNER).install()
