@@ -45,6 +45,21 @@ def test_packs_are_looked_for_in_the_issues_order(tmp_path):
     assert faces.find_pack("antelopev2", folders) == str(mine / "antelopev2" / "antelopev2")
 
 
+def test_the_webui_folders_include_the_controlnet_extensions_downloads(monkeypatch, tmp_path):
+    from lib_identity.webui import folders
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    install_fake_modules(monkeypatch, models_path=tmp_path / "models", identity_models_dir=str(tmp_path / "mine"))
+    cn = tmp_path / "extensions" / "sd-webui-controlnet-main"  # a renamed checkout
+    (cn / "annotator" / "downloads" / "insightface" / "models" / "antelopev2").mkdir(parents=True)
+    (cn / "annotator" / "downloads" / "insightface" / "models" / "antelopev2" / "glintr100.onnx").write_bytes(b"x")
+    found = folders.face_pack_folders()
+    assert found[:3] == [str(tmp_path / "models" / "insightface" / "models"), str(tmp_path / "models" / "insightface"),
+                         str(cn / "annotator" / "downloads" / "insightface" / "models")]
+    assert found[3] == str(tmp_path / "mine") and found[-1] == str(tmp_path / "home" / ".insightface" / "models")
+    assert folders.find_face_pack("antelopev2") == str(cn / "annotator" / "downloads" / "insightface" / "models" / "antelopev2")
+
+
 def test_a_missing_pack_names_itself_its_files_and_the_folders(tmp_path):
     folders = faces.search_folders(str(tmp_path / "models"), extra_dirs=[str(tmp_path / "mine")], home=str(tmp_path))
     (tmp_path / "models" / "insightface" / "models" / "antelopev2").mkdir(parents=True)  # empty: not a pack
