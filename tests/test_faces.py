@@ -55,6 +55,7 @@ def test_largest_an_index_or_a_box_picks_the_face(t1_faces):
     # a loose box drawn around the laughing man (centre 800, 388) picks him, not a neighbour
     laughing = faces.pick_face(t1_faces, [720, 300, 900, 480], unit_number=1, image_label="t1.jpg")
     assert (laughing.box[0] + laughing.box[2]) / 2 == pytest.approx(800, abs=1)
+    assert faces.pick_face(t1_faces, "[720, 300, 900, 480]", unit_number=1, image_label="t1.jpg") is laughing  # infotext text
     # a box overlapping two faces takes the one it overlaps most (IoU)
     mostly_left = faces.pick_face(t1_faces, [40, 260, 300, 400], unit_number=1, image_label="t1.jpg")
     assert (mostly_left.box[0] + mostly_left.box[2]) / 2 == pytest.approx(115, abs=1)

@@ -50,6 +50,8 @@ def _as_index(choice) -> Optional[int]:
 
 
 def _as_box(choice) -> Optional[List[float]]:
+    if isinstance(choice, str) and "," in choice:  # as infotext writes it: "[x0, y0, x1, y1]"
+        choice = [p for p in choice.strip().strip("[]()").split(",")]
     if isinstance(choice, (str, bytes)) or not isinstance(choice, (list, tuple, np.ndarray)) or len(choice) != 4:
         return None
     try:
