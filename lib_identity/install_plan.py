@@ -11,7 +11,7 @@ The rules (issue 8, DESIGN.md "Facts"):
 * The modules its ``app`` / ``model_zoo`` / ``utils.face_align`` chains import, where missing:
   ``onnx`` (with ``--no-deps``: 1.18.0 runs on the WebUI's protobuf 3.20.0 although its metadata
   asks for protobuf >= 4.25.1, which would break the WebUI), ``scikit-image`` (``face_align``),
-  ``scipy``, ``opencv``, ``requests``, ``tqdm``.
+  ``scipy``, ``opencv``, ``requests``, ``tqdm``, and ``typing_extensions`` (onnx).
 * ``onnxruntime-gpu`` where torch sees CUDA, ``onnxruntime`` otherwise; never both, and nothing
   when any onnxruntime build is installed already.
 * No upgrade of anything installed: each command that resolves dependencies carries the
@@ -40,6 +40,7 @@ INSIGHTFACE_IMPORTS = (
     ("cv2", OPENCV_DISTRIBUTIONS, "opencv-python-headless"),
     ("requests", ("requests",), "requests"),
     ("tqdm", ("tqdm",), "tqdm"),
+    ("typing_extensions", ("typing-extensions",), "typing-extensions"),  # onnx.helper imports it
 )
 # installed versions of these are held exactly while pip resolves a new package's dependencies
 HELD = ("numpy", "protobuf", "torch", "torchvision", "scipy", "scikit-image", "pillow", "packaging", "sympy",
@@ -64,8 +65,6 @@ def plan(installed: Mapping[str, str], cuda: Union[bool, Callable[[], bool]]) ->
     """
     have: Dict[str, str] = {normalize(k): str(v) for k, v in installed.items()}
     commands: List[List[str]] = []
-    if "insightface" not in have:
-        commands.append(["install", "--no-deps", INSIGHTFACE])
     if "onnx" not in have:
         commands.append(["install", "--no-deps", ONNX])
     for _module, providers, requirement in INSIGHTFACE_IMPORTS:
@@ -74,6 +73,8 @@ def plan(installed: Mapping[str, str], cuda: Union[bool, Callable[[], bool]]) ->
     if not any(d in have for d in ONNXRUNTIME_DISTRIBUTIONS):
         use_gpu = cuda() if callable(cuda) else bool(cuda)
         commands.append(["install", ONNXRUNTIME_GPU if use_gpu else ONNXRUNTIME_CPU] + _held(have))
+    if "insightface" not in have:  # last, once what it imports is there
+        commands.append(["install", "--no-deps", INSIGHTFACE])
     return commands
 
 

@@ -25,10 +25,10 @@ def _names(commands):
 
 def test_a_fresh_webui_gets_insightface_onnx_and_the_gpu_runtime():
     commands = plan(WEBUI, cuda=True)
-    assert _names(commands) == ["insightface==2.1", "onnx==1.18.0", "onnxruntime-gpu"]
-    assert commands[0] == ["install", "--no-deps", "insightface==2.1"]
-    assert commands[1] == ["install", "--no-deps", "onnx==1.18.0"]  # its metadata would pull protobuf>=4.25.1
-    runtime = commands[2]
+    assert _names(commands) == ["onnx==1.18.0", "onnxruntime-gpu", "insightface==2.1"]
+    assert commands[0] == ["install", "--no-deps", "onnx==1.18.0"]  # its metadata would pull protobuf>=4.25.1
+    assert commands[2] == ["install", "--no-deps", "insightface==2.1"]  # its metadata asks for the GUI opencv
+    runtime = commands[1]
     # the runtime's dependencies are resolved with the WebUI's versions held exactly: nothing moves
     for held in ("numpy==1.26.2", "protobuf==3.20.0", "torch==2.1.2+cu121", "opencv-python==4.8.0.76",
                  "scikit-image==0.21.0", "pillow==9.5.0"):
@@ -39,7 +39,7 @@ def test_a_fresh_webui_gets_insightface_onnx_and_the_gpu_runtime():
 
 
 def test_without_cuda_the_cpu_runtime():
-    assert _names(plan(WEBUI, cuda=False))[-1] == "onnxruntime"
+    assert _names(plan(WEBUI, cuda=False))[1] == "onnxruntime"
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "onnxruntime-gpu", "onnxruntime_directml", "OnnxRuntime-GPU"])
@@ -56,11 +56,12 @@ def test_nothing_when_everything_is_there():
 
 
 def test_missing_modules_insightface_imports_are_added_with_the_pins_held():
-    env = {k: v for k, v in WEBUI.items() if k not in ("scikit-image", "tqdm", "opencv-python")}
+    env = {k: v for k, v in WEBUI.items() if k not in ("scikit-image", "tqdm", "opencv-python", "typing_extensions")}
     commands = plan(env, cuda=False)
     names = _names(commands)
-    assert names[:2] == ["insightface==2.1", "onnx==1.18.0"]
-    assert set(names[2:5]) == {"scikit-image", "opencv-python-headless", "tqdm"}
+    assert names[0] == "onnx==1.18.0"
+    assert set(names[1:5]) == {"scikit-image", "opencv-python-headless", "tqdm", "typing-extensions"}
+    assert names[5:] == ["onnxruntime", "insightface==2.1"]
     skimage = commands[names.index("scikit-image")]
     assert "numpy==1.26.2" in skimage and "scipy==1.11.4" in skimage and "protobuf==3.20.0" in skimage
     # a headless opencv counts as opencv
@@ -83,8 +84,8 @@ def test_install_py_runs_the_plan_through_the_webuis_pip(monkeypatch):
     monkeypatch.setattr(script, "installed_distributions", lambda: dict(WEBUI, onnxruntime="1.16.3"))
     script.main()
     assert calls == [
-        ("install --no-deps insightface==2.1", "sd-webui-identity requirement: insightface==2.1"),
         ("install --no-deps onnx==1.18.0", "sd-webui-identity requirement: onnx==1.18.0"),
+        ("install --no-deps insightface==2.1", "sd-webui-identity requirement: insightface==2.1"),
     ]
     calls.clear()
     monkeypatch.setattr(script, "installed_distributions", lambda: dict(WEBUI, onnxruntime="1", onnx="1", insightface="2.1"))
