@@ -1,28 +1,27 @@
 # Run by the WebUI at every start (as a child process, with the WebUI root on PYTHONPATH).
-# Fast and idempotent: installs only packages that are missing, never upgrades what the WebUI pins
-# (torch, gradio, transformers, pydantic, numpy), and does nothing when --skip-install is given.
-import importlib.util
+# Fast and idempotent: installs only what is missing, never upgrades what the WebUI pins
+# (torch, gradio, transformers, pydantic, numpy, protobuf, opencv), and does nothing when
+# --skip-install is given. IP-Adapter needs nothing beyond the WebUI's own requirements; face
+# analysis (FaceID, InstantID, PhotoMaker V2) needs insightface and onnxruntime. What to install
+# is decided by lib_identity/install_plan.py (tested without a network).
+import os
+import shlex
+import sys
 
-# (import name, pip requirement) pairs this extension needs beyond the WebUI's own requirements.
-# Everything needed for IP-Adapter (safetensors, transformers' CLIP vision model, opencv, Pillow)
-# already ships with the WebUI.
-REQUIREMENTS = []
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def missing(requirements):
-    return [req for mod, req in requirements if importlib.util.find_spec(mod) is None]
+from lib_identity.install_plan import installed_distributions, plan, torch_sees_cuda  # noqa: E402
 
 
 def main():
-    todo = missing(REQUIREMENTS)
-    if not todo:
+    commands = plan(installed_distributions(), torch_sees_cuda)
+    if not commands:
         return
     import launch  # the WebUI's helpers; honours --skip-install and the WebUI's index URL
 
-    for req in todo:
-        # --no-deps would be safest for pins but breaks packages with real needs; pip's resolver keeps
-        # already-installed versions unless a requirement forces otherwise, and none of ours pin them.
-        launch.run_pip(f'install "{req}"', f"sd-webui-identity requirement: {req}")
+    for args in commands:
+        what = next(a for a in args[1:] if not a.startswith("-"))
+        launch.run_pip(" ".join(shlex.quote(a) for a in args), f"sd-webui-identity requirement: {what}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command line: ``python -m lib_identity inspect PATH [--json]``, ``models`` and ``fields``."""
+"""Command line: ``python -m lib_identity inspect PATH [--json]``, ``... models``, ``... faces IMAGE`` and ``... fields``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,40 @@ def _cmd_fields(args) -> int:
     return 0
 
 
+def _cmd_faces(args) -> int:
+    from .encoders import faces
+    from .image_input import ImageInputError, image_from_bytes
+
+    try:
+        with open(args.image, "rb") as fh:
+            picture = image_from_bytes(fh.read())
+    except OSError as e:
+        print(f"error: {args.image}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except ImageInputError as e:
+        print(f"error: {args.image}: {e}", file=sys.stderr)
+        return 2
+    folders = faces.search_folders(args.models, extra_dirs=args.dir)
+    pack = faces.open_pack(args.pack, folders)
+    found = faces.analyse_faces(picture, pack, det_size=args.det_size)
+    if args.preview:
+        faces.draw_faces(picture, found).save(args.preview)
+    if args.json:
+        out = {"image": args.image, "pack": pack.folder, "size": list(picture.size),
+               "faces": [dict(index=i, **f.to_json()) for i, f in enumerate(found)]}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{args.image} ({picture.width}x{picture.height}), pack {pack.folder}")
+    if not found:
+        print("  no face found")
+    for i, f in enumerate(found):
+        x0, y0, x1, y1 = f.box
+        print(f"  {i}: box [{x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}]  {x1 - x0:.0f}x{y1 - y0:.0f}  score {f.score:.3f}")
+    if args.preview:
+        print(f"  preview: {args.preview}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib_identity", description="sd-webui-identity tools")
     parser.add_argument("--version", action="version", version=f"sd-webui-identity {__version__}")
@@ -74,6 +108,15 @@ def main(argv=None) -> int:
     p = sub.add_parser("fields", help="every field of a unit (API, infotext, X/Y/Z), as README's Markdown table")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_fields)
+    p = sub.add_parser("faces", help="list the faces insightface finds in a picture (index, box, score)")
+    p.add_argument("image")
+    p.add_argument("--pack", default="buffalo_l", help="a pack name (searched) or a pack folder (default: buffalo_l)")
+    p.add_argument("--models", help="the WebUI's models folder (packs in <models>/insightface/models/<pack>)")
+    p.add_argument("--dir", action="append", default=[], help="an extra folder holding packs (repeatable)")
+    p.add_argument("--det-size", type=int, default=640, help="detection size (default 640; smaller sizes are tried when nothing is found)")
+    p.add_argument("--preview", help="write the picture with numbered boxes to this PNG file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_faces)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

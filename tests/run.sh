@@ -15,6 +15,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q -r requirements-test.txt
   # The ldm UNet classes the WebUI runs; --no-deps keeps its old pins out of the venv.
   "$VENV/bin/python" -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
+  # insightface's metadata asks for the GUI opencv and onnx's for protobuf>=4.25.1; neither is needed
+  "$VENV/bin/python" -m pip install -q --no-deps insightface==2.1 onnx==1.18.0
   echo "$want" > "$stamp"
 fi
 exec "$VENV/bin/python" -m pytest -q "$@"

@@ -1,4 +1,4 @@
-"""Image encoders for the adapters: CLIP vision (transformers), with caches and offloading.
+"""Image encoders for the adapters: CLIP vision (transformers) and face analysis (insightface), with caches.
 
 Public API:
 
@@ -6,8 +6,9 @@ Public API:
 * ``find_encoder(encoder_id, folders)``, ``load_encoder(path, encoder_id=None)`` - files.
 * ``encode_images(encoder, images, output, prep, device, dtype, uncond)`` - cached encodings.
 * ``set_offload_policy(policy)``, ``release_encoders()`` - what the WebUI settings drive.
+* ``analyse_faces``, ``pick_face``, ``aligned_face``, ``draw_faces``, ``find_pack`` - faces (``encoders.faces``).
 
-transformers is imported only when an encoder is built or run.
+transformers is imported only when an encoder is built or run; insightface only when faces are analysed.
 """
 
 from .cache import (
@@ -32,6 +33,17 @@ from .clip_vision import (
     shipped_config,
 )
 from .encode import UNCOND_KINDS, encode_images
+from .faces import (
+    Face,
+    FacePack,
+    FacePackNotFound,
+    aligned_face,
+    analyse_faces,
+    default_face_cache,
+    draw_faces,
+    find_pack,
+    pick_face,
+)
 from .preprocess import (
     CROP_POSITIONS,
     DEFAULT_PREPARATION,
@@ -55,18 +67,27 @@ __all__ = [
     "EncoderInfo",
     "EncoderRegistry",
     "EncodingCache",
+    "Face",
+    "FacePack",
+    "FacePackNotFound",
     "Preparation",
+    "aligned_face",
+    "analyse_faces",
     "build_encoder",
     "cropped_fraction",
     "default_cache",
+    "default_face_cache",
+    "draw_faces",
     "default_registry",
     "encode_images",
     "encoder_info",
     "find_encoder",
+    "find_pack",
     "fit",
     "image_digest",
     "load_encoder",
     "make_config",
+    "pick_face",
     "prepare_pixels",
     "release_encoders",
     "run_encoder",

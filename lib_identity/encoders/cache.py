@@ -238,6 +238,9 @@ def set_offload_policy(policy: str) -> None:
 
 
 def release_encoders() -> None:
-    """Drop every loaded encoder and every cached encoding (script unload, model folder refresh)."""
+    """Drop every loaded encoder and every cached encoding (script unload, model folder refresh), faces included."""
+    from .faces import release_faces
+
     _default_registry.release()
     _default_cache.clear()
+    release_faces()

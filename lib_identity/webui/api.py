@@ -1,4 +1,4 @@
-"""HTTP routes: /identity/v1/version, /identity/v1/models, /identity/v1/inspect.
+"""HTTP routes: /identity/v1/version, /identity/v1/models, /identity/v1/inspect, /identity/v1/faces.
 
 Registered from ``on_app_started``. FastAPI routes added that way are not covered by the WebUI's
 ``--api-auth`` on their own, so the same HTTP Basic check is attached here.
@@ -77,6 +77,45 @@ def inspect(request: dict):
     return entry.to_json()
 
 
+def faces(request: dict):
+    """The faces insightface finds in a picture, and the picture with numbered boxes.
+
+    Body: ``{"image": "<base64 or data:image/...;base64,...>", "pack": "buffalo_l", "det_size": 640,
+    "preview": true}``; ``pack`` is a pack *name*, looked for in the configured folders only.
+    Answer: ``{"pack", "det_size", "size": [w, h], "faces": [{"index", "box", "score", "keypoints"}],
+    "preview": "data:image/png;base64,..."}``, faces largest first (the index a unit's ``face`` takes).
+    """
+    from fastapi import HTTPException
+    from modules.call_queue import queue_lock
+
+    from ..encoders import faces as face_analysis
+    from ..image_input import ImageInputError, decode_image_string, encode_png_data_url
+    from . import folders
+
+    if not isinstance(request, dict) or "image" not in request:
+        raise HTTPException(status_code=422, detail='expected a JSON object {"image": "<base64 PNG/JPEG/WebP>", "pack": "buffalo_l"}')
+    pack = request.get("pack") or face_analysis.DEFAULT_PACK
+    det_size = request.get("det_size", face_analysis.DEFAULT_DET_SIZE)
+    if not isinstance(pack, str) or isinstance(det_size, bool) or not isinstance(det_size, int):
+        raise HTTPException(status_code=422, detail='"pack" must be a pack name (like "buffalo_l") and "det_size" an integer (like 640)')
+    try:
+        picture = decode_image_string(request["image"])
+    except ImageInputError as e:
+        raise HTTPException(status_code=422, detail=f"image: {e}")
+    with queue_lock:
+        try:
+            found = face_analysis.analyse_faces(picture, folders.find_face_pack(pack), det_size=det_size)
+        except ModelNotFoundError as e:
+            raise HTTPException(status_code=404, detail=str(e))
+        except IdentityError as e:
+            raise HTTPException(status_code=422, detail=str(e))
+    answer = {"pack": pack, "det_size": det_size, "size": [picture.width, picture.height],
+              "faces": [dict(index=i, **f.to_json()) for i, f in enumerate(found)]}
+    if request.get("preview", True):
+        answer["preview"] = encode_png_data_url(face_analysis.draw_faces(picture, found))
+    return answer
+
+
 def register(_demo, app):
     """``on_app_started`` callback."""
     from fastapi import Body
@@ -86,6 +125,10 @@ def register(_demo, app):
     def inspect_route(request: dict = Body(...)):
         return inspect(request)
 
+    def faces_route(request: dict = Body(...)):
+        return faces(request)
+
     app.add_api_route("/identity/v1/version", version, methods=["GET"], dependencies=deps)
     app.add_api_route("/identity/v1/models", models, methods=["GET"], dependencies=deps)
     app.add_api_route("/identity/v1/inspect", inspect_route, methods=["POST"], dependencies=deps)
+    app.add_api_route("/identity/v1/faces", faces_route, methods=["POST"], dependencies=deps)

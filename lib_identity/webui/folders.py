@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List
+import os
+from typing import List, Optional
 
 from .. import discovery
 
@@ -36,3 +37,44 @@ def list_models(refresh: bool = False):
 
 def find_model(name: str, families=None):
     return discovery.find_model(name, model_folders(), families=families)
+
+
+def _controlnet_extension_dir() -> Optional[str]:
+    """The sd-webui-controlnet extension's folder, where its insightface packs are downloaded."""
+    from modules import paths
+
+    root = getattr(paths, "extensions_dir", None) or os.path.join(
+        getattr(paths, "script_path", None) or os.path.dirname(paths.models_path), "extensions")
+    preferred = os.path.join(root, "sd-webui-controlnet")
+    if os.path.isdir(preferred):
+        return preferred
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return None
+    for name in names:  # a renamed checkout (sd-webui-controlnet-main, ...)
+        if "controlnet" in name.lower() and os.path.isdir(os.path.join(root, name, "annotator")):
+            return os.path.join(root, name)
+    return None
+
+
+def face_pack_folders() -> List[str]:
+    """Where insightface packs are looked for, in order: models/insightface/models, models/insightface, the
+    ControlNet extension's downloads, --identity-models-dir and the extra-folders setting, ~/.insightface/models."""
+    from modules import paths, shared
+
+    from ..encoders.faces import search_folders
+
+    extra: List[str] = []
+    flag = getattr(shared.cmd_opts, "identity_models_dir", None)
+    if flag:
+        extra.append(flag)
+    extra += _split(shared.opts.data.get("identity_extra_model_dirs", ""))
+    return search_folders(paths.models_path, controlnet_extension_dir=_controlnet_extension_dir(), extra_dirs=extra)
+
+
+def find_face_pack(name: str) -> str:
+    """The folder of insightface pack ``name``; ``FacePackNotFound`` names the pack, its files and the folders searched."""
+    from ..encoders.faces import find_pack
+
+    return find_pack(name, face_pack_folders())

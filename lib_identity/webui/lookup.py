@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 
 from .. import units as U
 from ..errors import IdentityError
-from . import folders
+from . import folders, settings
 
 
 def loaded_base() -> Optional[str]:
@@ -47,7 +47,16 @@ def find_encoder_for_run(need: str):
 
     if need.startswith("clip-"):
         return find_encoder(need, folders.model_folders())
+    if need.startswith("insightface:"):
+        return folders.find_face_pack(face_pack_name(need.split(":", 1)[1]))
     raise IdentityError(U.ENCODER_HELP.get(need, "not supported in this version"))
+
+
+def face_pack_name(official: str) -> str:
+    """The insightface pack to use where the official code uses ``official`` (a setting may say another)."""
+    key = f"identity_face_pack_{official}"
+    chosen = str(settings.option(key) if key in settings.DEFAULTS else official).strip()
+    return chosen or official
 
 
 def find_encoder_status(need: str) -> Tuple[bool, str]:

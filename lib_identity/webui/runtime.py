@@ -145,7 +145,7 @@ def before_sampling(p):
         return
     from modules import devices, script_callbacks
 
-    from ..encoders import default_cache, set_offload_policy
+    from ..encoders import default_cache, default_face_cache, set_offload_policy
     from ..methods import prepare_units
 
     try:
@@ -154,6 +154,7 @@ def before_sampling(p):
             state.session = None
         set_offload_policy(settings.option("identity_encoder_offload"))
         default_cache().resize(max(0, int(settings.option("identity_cache_size"))))
+        default_face_cache().resize(max(0, int(settings.option("identity_cache_size"))))
         unet = p.sd_model.model.diffusion_model
         parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet)
         session = PatchSession(unet, parts.prompts, owner=OWNER, loras=parts.loras).install()

@@ -9,6 +9,9 @@ DEFAULTS = {
     "identity_extra_model_dirs": "",
     "identity_encoder_offload": "move to CPU after use",
     "identity_cache_size": 64,
+    # the insightface pack each official choice stands for (buffalo_l: FaceID, PhotoMaker V2; antelopev2: InstantID)
+    "identity_face_pack_buffalo_l": "buffalo_l",
+    "identity_face_pack_antelopev2": "antelopev2",
 }
 
 OFFLOAD_CHOICES = ["keep on device", "move to CPU after use", "unload after use"]
@@ -67,7 +70,19 @@ def register():
     )
     add(
         "identity_cache_size",
-        "Cached reference encodings (0 disables the cache)",
+        "Cached reference encodings and face analyses (0 disables the caches)",
         gr.Slider,
         {"minimum": 0, "maximum": 1024, "step": 1},
+    )
+    add(
+        "identity_face_pack_buffalo_l",
+        "Face models (insightface pack) for FaceID and PhotoMaker V2",
+        gr.Textbox,
+        info="the official choice is buffalo_l; a pack is a folder of .onnx files under models/insightface/models",
+    )
+    add(
+        "identity_face_pack_antelopev2",
+        "Face models (insightface pack) for InstantID",
+        gr.Textbox,
+        info="the official choice is antelopev2",
     )
