@@ -196,7 +196,7 @@ def from_pictures(info: formats.ModelInfo, image_proj: torch.nn.Module, ip_layer
         clip_hidden, uncond_clip = encode_face_crops(crops, clip_encoder, device=device, dtype=dtype,
                                                      encoder_id=clip_encoder_id)
     contribution = faceid_prompt(
-        info, image_proj, ip_layers, [torch.as_tensor(np.asarray(f.embedding, dtype=np.float32)) for f in faces],
+        info, image_proj, ip_layers, [torch.tensor(np.asarray(f.embedding, dtype=np.float32)) for f in faces],
         clip_hidden=clip_hidden, uncond_clip_hidden=uncond_clip, s_scale=s_scale, lora_weight=lora_weight,
         device=device, dtype=dtype, name=name, **prompt,
     )
