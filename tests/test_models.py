@@ -18,6 +18,7 @@ from lib_identity import formats, models
 from lib_identity.errors import CheckpointError
 from lib_identity.formats import ModelInfo
 from lib_identity.models.resampler import PerceiverAttention
+from tests import oracles
 from tests.checkpoints import LAYOUT_MANIFESTS, manifest, manifest_keys, nest, write_manifest_layout, write_random
 
 ADAPTER_MANIFESTS = [n for n in LAYOUT_MANIFESTS if nest(manifest_keys(n)).keys() >= {"image_proj", "ip_adapter"}]
@@ -140,6 +141,7 @@ def write_adapter(tmp_path, info: ModelInfo, seed: int = 0, lora_rank=None) -> d
 
 
 def diffusers_projection(image_proj_sd: dict):
+    oracles.diffusers()
     from diffusers.loaders.unet import UNet2DConditionLoadersMixin
 
     # The converter only touches ``self`` for low_cpu_mem_usage; it loads strictly into diffusers' modules.

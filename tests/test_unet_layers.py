@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import oracles
 from checkpoints import manifest
 from lib_identity.errors import PatchError
 from lib_identity.unet import attention_blocks, find_cross_attentions
@@ -31,7 +32,7 @@ def test_full_size_layers_match_the_official_table(layout):
 @pytest.mark.parametrize("layout", [SD15, SDXL])
 def test_order_is_diffusers_processor_order_on_a_tiny_unet(layout):
     """An independent check: diffusers' own attn_processors order on the same block structure."""
-    from diffusers import UNet2DConditionModel
+    UNet2DConditionModel = oracles.diffusers().UNet2DConditionModel
 
     names = [n for n in UNet2DConditionModel(**diffusers_config(layout)).attn_processors if n.endswith("attn2.processor")]
     layers = find_cross_attentions(build_ldm_unet(layout, device="meta"))

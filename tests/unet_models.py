@@ -22,6 +22,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+import oracles
+
 SD15 = "sd15"
 SDXL = "sdxl"
 
@@ -252,7 +254,7 @@ def diffusers_config(layout: str, *, model_channels: int = 32, context_dim: int 
 
 def to_diffusers(unet, layout: str, *, model_channels: int = 32, context_dim: int = 64, heads: int = 4):
     """diffusers' UNet2DConditionModel holding exactly the ldm UNet's weights (strict load)."""
-    from diffusers import UNet2DConditionModel
+    UNet2DConditionModel = oracles.diffusers().UNet2DConditionModel
 
     model = UNet2DConditionModel(**diffusers_config(layout, model_channels=model_channels,
                                                     context_dim=context_dim, heads=heads))

@@ -87,8 +87,9 @@ def torch_load_weights_only(path: str, mmap: bool = True):
             raise
     except pickle.UnpicklingError as e:
         msg = str(e)
-        m = re.search(r"(GLOBAL|Unsupported global:?)\s*([\w.]+(?:\s[\w.]+)?)", msg)
-        what = f" ({m.group(2)})" if m else ""
+        # torch 2.1 (the WebUI's) says "Unsupported class posix.mkdir", later ones "GLOBAL posix.mkdir"
+        m = re.search(r"(?:GLOBAL|Unsupported class)\s+([\w.]+)", msg)
+        what = f" ({m.group(1)})" if m else ""
         fail(
             path,
             f"refused: the file's pickle asks to run code{what}, which a weights file never needs. "
