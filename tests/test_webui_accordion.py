@@ -24,6 +24,7 @@ WIDGET_CLASSES = {
     "textbox": gr.Textbox,
     "image": gr.Image,
     "mask": gr.Image,
+    "face": gr.Dropdown,
 }
 
 
@@ -76,7 +77,7 @@ def test_components_follow_the_field_table(built):
             assert isinstance(comp, WIDGET_CLASSES[spec.widget]), spec.name
             assert comp.elem_id == f"identity_txt2img_unit{number}_{spec.name}"
             assert comp.label == spec.label.format(number=number)
-            if spec.widget in ("slider", "radio", "dropdown", "checkbox"):
+            if spec.widget in ("slider", "radio", "dropdown", "checkbox", "face"):
                 assert comp.value == spec.default, spec.name
             if spec.widget in ("radio", "dropdown"):
                 assert [c[0] if isinstance(c, (tuple, list)) else c for c in comp.choices] == list(spec.parse.options)
