@@ -19,7 +19,7 @@ from lib_identity.methods.faceid import faceid_prompt
 from lib_identity.models import load_adapter
 from lib_identity.unet import AttentionLoRA, PatchSession, remove_sessions
 from unet_helpers import CONTEXT, diffusers_state_dict, hook_counts
-from unet_models import SD15, SDXL, build_ldm_unet, randomize_, to_diffusers
+from unet_models import SD15, SDXL, ldm_and_diffusers_unets
 
 ATOL = 1e-4
 S = 9  # CLIP tokens per crop (257 for ViT-H at 224)
@@ -27,11 +27,7 @@ S = 9  # CLIP tokens per crop (257 for ViT-H at 224)
 
 @pytest.fixture(scope="module")
 def unets():
-    out = {}
-    for layout, seed in ((SD15, 21), (SDXL, 22)):
-        ldm = randomize_(build_ldm_unet(layout, context_dim=CONTEXT[layout]), seed=seed)
-        out[layout] = (ldm, to_diffusers(ldm, layout, context_dim=CONTEXT[layout]))
-    return out
+    return ldm_and_diffusers_unets({SD15: 21, SDXL: 22}, CONTEXT)
 
 
 @pytest.fixture(autouse=True)

@@ -30,7 +30,7 @@ import torch
 from lib_identity import formats
 from lib_identity.unet import ImagePrompt, PatchSession, remove_sessions
 from unet_helpers import CONTEXT, diffusers_state_dict, encoder_width, write_adapter
-from unet_models import SD15, SDXL, build_ldm_unet, randomize_, to_diffusers
+from unet_models import SD15, SDXL, ldm_and_diffusers_unets
 
 S = 10  # encoder tokens (hidden states) per image for the MLP and Resampler projections (257 for CLIP)
 ATOL = 1e-4
@@ -38,11 +38,7 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def unets():
-    out = {}
-    for layout, seed in ((SD15, 11), (SDXL, 12)):
-        ldm = randomize_(build_ldm_unet(layout, context_dim=CONTEXT[layout]), seed=seed)
-        out[layout] = (ldm, to_diffusers(ldm, layout, context_dim=CONTEXT[layout]))
-    return out
+    return ldm_and_diffusers_unets({SD15: 11, SDXL: 12}, CONTEXT)
 
 
 @pytest.fixture(autouse=True)

@@ -261,3 +261,12 @@ def to_diffusers(unet, layout: str, *, model_channels: int = 32, context_dim: in
     converted = {ldm_to_diffusers_key(k): v for k, v in unet.state_dict().items()}
     model.load_state_dict(converted, strict=True)
     return model.eval()
+
+
+def ldm_and_diffusers_unets(seeds: dict, context_dims: dict) -> dict:
+    """layout -> (random ldm UNet, the same weights as a diffusers UNet), for the parity tests."""
+    out = {}
+    for layout, seed in seeds.items():
+        ldm = randomize_(build_ldm_unet(layout, context_dim=context_dims[layout]), seed=seed)
+        out[layout] = (ldm, to_diffusers(ldm, layout, context_dim=context_dims[layout]))
+    return out
