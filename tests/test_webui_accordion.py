@@ -126,3 +126,20 @@ def test_dependent_controls_are_wired(built):
     for spec in U.FIELDS:
         if spec.visible_if:
             assert (id(block[spec.visible_if[0]]), id(block[spec.name])) in targets, spec.name
+
+
+def test_the_face_picker_follows_the_model_and_the_pictures(built):
+    demo, components, _ = built
+    width = len(U.UI_FIELDS)
+    block = dict(zip(U.UI_FIELDS, components[1:1 + width]))
+    picker = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "identity_txt2img_unit1_faces")
+    assert isinstance(picker, gr.Gallery) and not picker.visible  # shown once a face model has a picture
+    assert all(c is not picker for c in components)  # a view, not a script arg
+    sources = set()
+    for dep in demo.dependencies:
+        if dep.get("trigger") == "change" and any(demo.blocks[o] is picker for o in dep["outputs"]):
+            sources |= {id(demo.blocks[t[0] if isinstance(t, (list, tuple)) else t])
+                        for t in (dep["targets"] if isinstance(dep["targets"], list) else [dep["targets"]])}
+    model = next(s.name for s in U.FIELDS if s.widget == "model")
+    pictures = next(s.name for s in U.FIELDS if s.widget == "files")
+    assert sources == {id(block[model]), id(block[pictures])}

@@ -100,7 +100,14 @@ LIVE_MODELS = {
     "clip_vision/CLIP-ViT-H-14.safetensors": ("clip_vision_vit-h", "random"),
     "ip-adapter_sdxl.safetensors": ("ip-adapter_sdxl", "layout"),  # wrong base for an SD1.5 checkpoint
     "ip-adapter_sd15_vit-G.safetensors": ("ip-adapter_sd15_vit-G", "layout"),  # its ViT-bigG encoder is missing
+    # FaceID as published (.bin, float16, rank-128 LoRA on all 32 attention layers of the full SD1.5 UNet);
+    # std 0.02 keeps the LoRA's change small enough for finite images
+    "ip-adapter-faceid_sd15.bin": ("ip-adapter-faceid_sd15", "random"),
+    "ip-adapter-faceid-plusv2_sd15.bin": ("ip-adapter-faceid-plusv2_sd15", "random"),
 }
+# The insightface pack FaceID uses, as small ONNX models that find the six faces of insightface's
+# t1.jpg (tests/face_models.py); written as <identity-models>/buffalo_l, a folder the packs are searched in.
+LIVE_FACE_PACK = "buffalo_l"
 
 
 def write_live_models(folder: Path):
@@ -115,6 +122,14 @@ def write_live_models(folder: Path):
             write_random(manifest_keys(manifest_name), path, dtype=torch.float16, std=0.02, seed=len(name))
         else:
             write_layout(manifest_keys(manifest_name), path)
+    write_live_face_pack(folder / LIVE_FACE_PACK)
+
+
+def write_live_face_pack(folder: Path):
+    """The test pack for insightface's t1.jpg (six faces) in ``folder``; needs the ``onnx`` package."""
+    import face_models as fm
+
+    fm.write_pack(str(folder), fm.T1_FACES, max(fm.T1_SIZE))
 
 
 def _free_port() -> int:

@@ -73,18 +73,33 @@ def short_error(e: Exception) -> str:
     return text[:200]
 
 
+# The WebUI replaces torch.load with its own pickle check (modules/safe.py), which refuses the zip
+# entries newer torch writes (.format_version, .storage_alignment) and then returns None instead
+# of raising. weights_only=True is torch's own allow-list unpickler and runs no code either, so the
+# WebUI layer hands the original torch.load over (``use_torch_load``); it is only ever called so.
+_torch_load = None
+
+
+def use_torch_load(load) -> None:
+    """Read ``.bin`` files with ``load`` (an unwrapped ``torch.load``, always called with ``weights_only=True``)."""
+    global _torch_load
+    _torch_load = load
+
+
 def torch_load_weights_only(path: str, mmap: bool = True):
     """``torch.load`` that never runs code from the pickle: plain tensors and containers only."""
     import torch
 
+    load = _torch_load or torch.load
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            obj = load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except RuntimeError as e:
             # mmap needs the zip container; old-style pickles are read whole instead.
             if mmap and "mmap" in str(e).lower():
-                return torch.load(path, map_location="cpu", weights_only=True)
-            raise
+                obj = load(path, map_location="cpu", weights_only=True)
+            else:
+                raise
     except pickle.UnpicklingError as e:
         msg = str(e)
         # torch 2.1 (the WebUI's) says "Unsupported class posix.mkdir", later ones "GLOBAL posix.mkdir"
@@ -101,6 +116,10 @@ def torch_load_weights_only(path: str, mmap: bool = True):
         fail(path, f"the .bin file is truncated, corrupt or not a torch file ({short_error(e)}); download it again")
     except Exception as e:  # noqa: BLE001 - any other decoding failure is a bad file, said plainly
         fail(path, f"not a readable torch file ({short_error(e)})")
+    if obj is None:
+        fail(path, "reading it gave nothing (None); if the console says 'Error verifying pickled file', "
+                   "a pickle check in front of torch.load refused it")
+    return obj
 
 
 def flatten(obj, path: str, prefix: str = "", out=None):

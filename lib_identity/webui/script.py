@@ -57,9 +57,25 @@ def register_callbacks():
     def on_model_loaded(sd_model):
         runtime.cleanup()
 
+    _read_bin_files_with_torch_load()
     script_callbacks.on_ui_settings(settings.register)
     script_callbacks.on_app_started(api.register)
     script_callbacks.on_infotext_pasted(on_infotext_pasted)
     script_callbacks.on_script_unloaded(on_unloaded)
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_before_ui(xyz.register)
+
+
+def _read_bin_files_with_torch_load():
+    """``.bin`` files are read with torch's own ``weights_only=True`` loader, not through the WebUI's
+    pickle check, which refuses files saved by newer torch (see ``formats.containers.use_torch_load``)."""
+    from ..formats import containers
+
+    try:
+        from modules import safe
+    except ImportError:  # a WebUI fork without modules/safe.py: torch.load is its own
+        return
+
+    original = getattr(safe, "unsafe_torch_load", None)
+    if original is not None:
+        containers.use_torch_load(original)

@@ -129,10 +129,13 @@ def _rows(gr, ToolButton, specs, number, eid, choices, c, extras):
                 elif spec.widget == "files":
                     extras["preview"] = gr.Gallery(label="References", show_label=False, columns=4, height=160,
                                                    elem_id=eid("preview"))
-                elif spec.widget == "face":
-                    extras["faces"] = gr.Gallery(label="Faces found (numbered as the Face choice counts them)",
-                                                 columns=4, height=200, elem_id=eid("faces"), visible=False)
         widgets = {s.widget for s in in_row}
+        if "face" in widgets:
+            # the whole tab's width, one picture at a time at full size: the boxes and their numbers
+            # must be readable (as thumbnails in half a row they were not)
+            extras["faces"] = gr.Gallery(label="Faces found (numbered as the Face choice counts them)",
+                                         columns=1, height=420, object_fit="contain", preview=True,
+                                         elem_id=eid("faces"), visible=False)
         if "model" in widgets:
             c["status"] = gr.Markdown(model_status("None"), elem_id=eid("status"))
         if "files" in widgets:
@@ -142,22 +145,37 @@ def _rows(gr, ToolButton, specs, number, eid, choices, c, extras):
             extras["faces_status"] = gr.Markdown("", elem_id=eid("faces_status"), visible=False)
 
 
-def method_of(model_title) -> "str | None":
-    """The method ('ip-adapter', 'faceid', …) of the chosen model, None when none or unknown."""
+def model_info(model_title):
+    """The chosen model's ``ModelInfo``, None when none is chosen or it is unknown."""
     if not model_title or model_title == "None":
         return None
     try:
-        info = folders.find_model(model_title).info
+        return folders.find_model(model_title).info
     except Exception:  # noqa: BLE001 - an unknown model shows every control; the run explains
         return None
+
+
+def method_of(model_title) -> "str | None":
+    """The method ('ip-adapter', 'faceid', …) of the chosen model, None when none or unknown."""
+    info = model_info(model_title)
     return U.METHOD_OF_FAMILY.get(info.family) if info is not None else None
 
 
-def visible_fields(method, values: dict) -> dict:
-    """Field -> shown, for the fields that depend on the model's method or on another field's value."""
+# fields of a method that only some of its files use: shown only when the chosen file does
+_USED_BY = {
+    "s_scale": lambda info: "plusv2" in (info.variant or ""),  # only FaceID-Plus v2 has the shortcut
+    "lora_weight": lambda info: bool(getattr(info, "lora", False)),  # Portrait has no LoRA
+}
+
+
+def visible_fields(method, values: dict, info=None) -> dict:
+    """Field -> shown, for the fields that depend on the model's method (and, given ``info``, its
+    variant) or on another field's value."""
     out = {}
     for spec in U.FIELDS:
         shown = method is None or method in spec.methods
+        if shown and info is not None and spec.name in _USED_BY:
+            shown = _USED_BY[spec.name](info)
         if spec.visible_if is not None:
             other, wanted = spec.visible_if
             shown = shown and values.get(other, U.SPECS[other].default) == wanted
@@ -186,7 +204,9 @@ def _wire(gr, c, extras):
     sources = [model] + sorted({s.visible_if[0] for s in U.FIELDS if s.visible_if})
 
     def on_change(*values):
-        shown = visible_fields(method_of(values[0]), dict(zip(sources, values)))
+        info = model_info(values[0])
+        method = U.METHOD_OF_FAMILY.get(info.family) if info is not None else None
+        shown = visible_fields(method, dict(zip(sources, values)), info)
         return [gr.update(visible=shown[name]) for name in dependent]
 
     for source in sources:

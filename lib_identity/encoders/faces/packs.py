@@ -40,8 +40,9 @@ class FacePackNotFound(ModelNotFoundError):
     def __init__(self, name: str, searched: Sequence[str], detail: str = ""):
         self.pack = name
         self.searched = list(searched)
-        det, rec = KNOWN_PACK_FILES.get(name, ("a detection .onnx", "a recognition .onnx"))
-        files = f"{det} (detection) and {rec} (recognition)"
+        known = KNOWN_PACK_FILES.get(name)
+        files = (f"{known[0]} (detection) and {known[1]} (recognition)" if known
+                 else "a detection .onnx and a recognition .onnx")
         where = "; ".join(self.searched) if self.searched else "(no folders configured)"
         msg = (
             f"insightface model pack '{name}' not found{': ' + detail if detail else ''}. It is a folder named '{name}' "

@@ -1,0 +1,104 @@
+"""Live WebUI: FaceID units through the real API on insightface's group photo, a missing face pack,
+the faces route, and a clean UNet afterwards.
+
+Runs only when SD_WEBUI_ROOT is set (tests/webui_live.py). The WebUI's venv gets insightface and
+onnxruntime from this checkout's install.py first (``installer_runs``). The FaceID files are random
+weights in the official full-size layouts and the face pack ``buffalo_l`` is a small ONNX pack that
+finds t1.jpg's six faces (tests/face_models.py), both written by the harness into the
+--identity-models-dir folder.
+"""
+
+import base64
+import hashlib
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from webui_installer import installer_runs  # noqa: F401  (session fixture: install.py in the WebUI's venv)
+from webui_live import LIVE_FACE_PACK, WebUIError, decode_images, small_payload, webui  # noqa: F401
+
+FACEID = "ip-adapter-faceid_sd15"
+PLUSV2 = "ip-adapter-faceid-plusv2_sd15"
+
+
+def pixels(result):
+    return hashlib.sha256(base64.b64decode(result["images"][0])).hexdigest()
+
+
+def with_units(*units, **overrides):
+    payload = small_payload(**overrides)
+    payload["alwayson_scripts"] = {"identity": {"args": list(units)}}
+    return payload
+
+
+@pytest.fixture(scope="module")
+def live(webui, installer_runs):
+    """The running WebUI once install.py has put the face packages into its venv."""
+    assert installer_runs.first.returncode == 0, installer_runs.first.stderr[-4000:]
+    return webui
+
+
+@pytest.fixture(scope="module")
+def group_photo():
+    import face_models as fm
+
+    with open(fm.insightface_image("t1.jpg"), "rb") as fh:
+        return base64.b64encode(fh.read()).decode()
+
+
+@pytest.fixture(scope="module")
+def plain(live):
+    return pixels(live.txt2img(small_payload()))
+
+
+def test_the_faces_route_finds_the_six_faces_of_the_group_photo(live, group_photo):
+    import face_models as fm
+
+    answer = live.post("/identity/v1/faces", {"image": group_photo})
+    assert answer["pack"] == LIVE_FACE_PACK and answer["size"] == list(fm.T1_SIZE)
+    assert [f["index"] for f in answer["faces"]] == list(range(6))
+    # largest first: the centre face of t1.jpg (150 px) is index 0
+    x0, y0, x1, y1 = answer["faces"][0]["box"]
+    assert abs((x0 + x1) / 2 - 528) < 8 and abs((y0 + y1) / 2 - 328) < 8, answer["faces"][0]
+    assert answer["preview"].startswith("data:image/png;base64,")
+
+
+def test_a_faceid_unit_on_a_chosen_face_changes_the_image_and_is_recorded(live, plain, group_photo):
+    result = live.txt2img(with_units({"model": FACEID, "images": [group_photo], "face": 2}))
+    assert pixels(result) != plain
+    image = np.asarray(decode_images(result)[0].convert("RGB"), dtype=np.float32)
+    assert image.std() > 1.0  # a NaN/inf latent decodes to a flat picture; the random LoRA must keep it finite
+    info = json.loads(result["info"])
+    entry = info["extra_generation_params"]["Identity 1"]
+    models = {m["name"]: m for m in live.get("/identity/v1/models")["models"]}
+    assert f"model: {FACEID} [{models[FACEID]['hash']}]" in entry, entry
+    assert "face: 2" in entry, entry
+    # the face chosen matters: another face gives another image
+    other = live.txt2img(with_units({"model": FACEID, "images": [group_photo], "face": 4}))
+    assert pixels(other) not in (pixels(result), plain)
+
+
+def test_a_faceid_plus_v2_unit_without_its_face_pack_fails_with_the_message(live, group_photo):
+    pack = live.identity_models / LIVE_FACE_PACK
+    hidden = pack.with_name(LIVE_FACE_PACK + ".hidden")
+    pack.rename(hidden)
+    try:
+        with pytest.raises(WebUIError) as e:
+            live.post("/sdapi/v1/txt2img", with_units({"model": PLUSV2, "images": [group_photo], "s_scale": 0.5}))
+    finally:
+        hidden.rename(pack)
+    message = str(e.value)
+    assert "500" in message
+    assert f"Identity unit 1, field 'model': model '{PLUSV2}' needs" in message, message
+    for words in (f"insightface model pack '{LIVE_FACE_PACK}' not found", "det_10g.onnx", str(pack)):
+        assert words in message, (words, message)
+
+
+def test_the_unet_is_clean_after_faceid(live, plain, group_photo):
+    live.txt2img(with_units({"model": FACEID, "images": [group_photo], "lora_weight": 0.7}))
+    with pytest.raises(WebUIError):  # a unit that fails (bad field) after one that ran
+        live.post("/sdapi/v1/txt2img", with_units({"model": FACEID, "images": [group_photo], "lora_weight": 99}))
+    assert pixels(live.txt2img(small_payload())) == plain
