@@ -102,3 +102,13 @@ def test_the_unet_is_clean_after_faceid(live, plain, group_photo):
     with pytest.raises(WebUIError):  # a unit that fails (bad field) after one that ran
         live.post("/sdapi/v1/txt2img", with_units({"model": FACEID, "images": [group_photo], "lora_weight": 99}))
     assert pixels(live.txt2img(small_payload())) == plain
+
+
+def test_the_face_pack_setting_chooses_the_pack_also_without_the_ui(live, group_photo):
+    # the harness runs --nowebui, where the WebUI registers no settings of extensions by itself
+    payload = with_units({"model": FACEID, "images": [group_photo]},
+                         override_settings={"identity_face_pack_buffalo_l": "no-such-pack"})
+    with pytest.raises(WebUIError) as e:
+        live.post("/sdapi/v1/txt2img", payload)
+    assert "insightface model pack 'no-such-pack' not found" in str(e.value), str(e.value)
+    assert live.get("/sdapi/v1/options")["identity_face_pack_buffalo_l"] == LIVE_FACE_PACK

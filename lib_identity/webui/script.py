@@ -59,6 +59,7 @@ def register_callbacks():
 
     _read_bin_files_with_torch_load()
     script_callbacks.on_ui_settings(settings.register)
+    _register_settings_without_ui(settings)
     script_callbacks.on_app_started(api.register)
     script_callbacks.on_infotext_pasted(on_infotext_pasted)
     script_callbacks.on_script_unloaded(on_unloaded)
@@ -79,3 +80,12 @@ def _read_bin_files_with_torch_load():
     original = getattr(safe, "unsafe_torch_load", None)
     if original is not None:
         containers.use_torch_load(original)
+
+
+def _register_settings_without_ui(settings):
+    """With ``--nowebui`` the WebUI builds no UI, so ``on_ui_settings`` never runs and our options
+    would be unknown to ``override_settings`` and ``/sdapi/v1/options``: register them now."""
+    from modules import shared
+
+    if getattr(shared.cmd_opts, "nowebui", False):
+        settings.register()
