@@ -121,8 +121,8 @@ def prepare(resolved, *, device, dtype) -> ImagePrompt:
     unit, entry, number = resolved.unit, resolved.model, resolved.number
     info = entry.info
     if info.family not in SUPPORTED_FAMILIES:
-        raise UnitError(number, "model", f"model '{entry.name}' is {info.family}, which this version cannot run yet; "
-                        "choose an IP-Adapter model (FaceID, InstantID and PhotoMaker are coming)")
+        raise UnitError(number, "model", f"model '{entry.name}' is {info.family}; this step prepares IP-Adapter models only "
+                        "(methods.prepare_units sends each model to its method)")
     image_proj, ip_layers = adapters.get(info, entry.path)
     return image_prompt(
         info, image_proj, ip_layers, list(unit.images), resolved.encoders.get(info.image_encoder),
