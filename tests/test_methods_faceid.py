@@ -220,10 +220,10 @@ def test_prepare_takes_the_units_knobs_and_the_faceid_ones(fake_faces, tmp_path)
     path = write_small_file(FACEID, tmp_path / "ip-adapter-faceid_sd15.safetensors")
     entry = ModelEntry(name="ip-adapter-faceid_sd15", path=path, short_hash="abcd1234", info=FACEID)
     unit = Unit(enabled=True, model=entry.name, images=(Image.new("RGB", (60, 40)),), image_weights=(1.0,),
-                weight=0.7, start=0.2, end=0.6)
+                weight=0.7, start=0.2, end=0.6, face=1, lora_weight=0.25)
     resolved = ResolvedUnit(3, unit, entry, {"insightface:buffalo_l": "/packs/buffalo_l"})
     try:
-        got = faceid.prepare(resolved, device="cpu", dtype=torch.float32, face=1, s_scale=1.0, lora_weight=0.25)
+        got = faceid.prepare(resolved, device="cpu", dtype=torch.float32)
     finally:
         adapters.clear()
     assert (got.prompt.weight, got.prompt.start, got.prompt.end, got.prompt.name) == (0.7, 0.2, 0.6, "Identity unit 3")

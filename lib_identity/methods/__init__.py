@@ -30,8 +30,7 @@ def prepare_units(resolved: Sequence, *, device, dtype) -> Contributions:
         if family == "ip-adapter":
             out.prompts.append(ip_adapter.prepare(r, device=device, dtype=dtype))
         elif family == faceid.FAMILY:
-            c = faceid.prepare(r, device=device, dtype=dtype, face=r.unit.face, s_scale=r.unit.s_scale,
-                               lora_weight=r.unit.lora_weight)
+            c = faceid.prepare(r, device=device, dtype=dtype)
             out.prompts.append(c.prompt)
             if c.lora is not None:
                 out.loras.append(c.lora)

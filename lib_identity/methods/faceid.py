@@ -204,13 +204,12 @@ def from_pictures(info: formats.ModelInfo, image_proj: torch.nn.Module, ip_layer
     return contribution
 
 
-def prepare(resolved, *, device, dtype, face="largest", s_scale: float = 1.0, lora_weight: float = 1.0,
-            pack_dir=None) -> FaceIDContribution:
+def prepare(resolved, *, device, dtype, pack_dir=None) -> FaceIDContribution:
     """One validated FaceID unit (``units.ResolvedUnit``) for a UNet on ``device``/``dtype``.
 
-    The unit's own knobs come from it (weight, window, layers, mask, combine); the FaceID ones are
-    passed in (``face``, ``s_scale``, ``lora_weight``) until the unit carries them. The face pack
-    is ``resolved.encoders["insightface:buffalo_l"]`` unless ``pack_dir`` is given.
+    Every knob comes from the unit (weight, window, layers, mask, combine, face, s_scale,
+    lora_weight). The face pack is ``resolved.encoders["insightface:buffalo_l"]`` unless
+    ``pack_dir`` is given.
     """
     from .ip_adapter import _layer_weights, _mask_tensor
 
@@ -224,9 +223,9 @@ def prepare(resolved, *, device, dtype, face="largest", s_scale: float = 1.0, lo
         raise UnitError(number, "model", f"{info.variant} needs the insightface '{info.face_model or FACE_PACK}' face models")
     image_proj, ip_layers = adapters.get(info, entry.path)
     return from_pictures(
-        info, image_proj, ip_layers, list(unit.images), pack_dir=pack, face=face,
+        info, image_proj, ip_layers, list(unit.images), pack_dir=pack, face=unit.face,
         clip_encoder=resolved.encoders.get(CLIP_ENCODER) if is_plus(info) else None,
-        s_scale=s_scale, lora_weight=lora_weight, device=device, dtype=dtype, unit_number=number, name=name,
+        s_scale=unit.s_scale, lora_weight=unit.lora_weight, device=device, dtype=dtype, unit_number=number, name=name,
         combine=unit.combine, reference_weights=unit.image_weights,
         weight=unit.weight, start=unit.start, end=unit.end, layer_weights=_layer_weights(unit),
         mask=_mask_tensor(unit.mask),

@@ -163,7 +163,7 @@ def method_of(model_title) -> "str | None":
 
 # fields of a method that only some of its files use: shown only when the chosen file does
 _USED_BY = {
-    "s_scale": lambda info: "plusv2" in (info.variant or ""),  # only FaceID-Plus v2 has the shortcut
+    "s_scale": lambda info: bool(info.params.get("shortcut")),  # only FaceID-Plus v2 has the shortcut
     "lora_weight": lambda info: bool(getattr(info, "lora", False)),  # Portrait has no LoRA
 }
 
@@ -225,11 +225,10 @@ def _wire(gr, c, extras):
 def face_picker(files, model_title):
     """The face picker: each reference picture with its faces boxed and numbered, and a status line
     (the face pack that is missing, a picture without a face)."""
-    method = method_of(model_title)
-    if method not in U.SPECS["face"].methods or not files:
+    info = model_info(model_title)
+    if info is None or U.METHOD_OF_FAMILY.get(info.family) not in U.SPECS["face"].methods or not files:
         return [], ""
-    info = folders.find_model(model_title).info
-    need = f"insightface:{info.face_model or 'buffalo_l'}"
+    need = next(n for n in U.required_encoders(info) if n.startswith("insightface:"))
     found, pack = lookup.find_encoder_status(need)
     if not found:
         return [], f"⚠ {pack}"
