@@ -60,6 +60,7 @@ class StandInIdentityNet(torch.nn.Module):
 
         self._timestep_embedding = timestep_embedding
         self.model_channels = unet.model_channels
+        self.in_channels = unet.in_channels  # 4: an inpainting UNet's extra channels are not the control's
         self.time_embed = copy.deepcopy(unet.time_embed)
         self.input_blocks = copy.deepcopy(unet.input_blocks)
         self.middle_block = copy.deepcopy(unet.middle_block)

@@ -59,7 +59,7 @@ def raw_embedding(embeddings, name: str = "unit") -> torch.Tensor:
     if isinstance(embeddings, (list, tuple)):
         if not embeddings:
             raise PatchError(f"{name}: no face embeddings")
-        embeddings = torch.stack([torch.as_tensor(np.asarray(e, dtype=np.float32)).reshape(-1)
+        embeddings = torch.stack([torch.from_numpy(np.array(e, dtype=np.float32)).reshape(-1)
                                   if not isinstance(e, torch.Tensor) else e.reshape(-1) for e in embeddings])
     x = torch.as_tensor(embeddings).detach().to("cpu", torch.float32)
     if x.dim() == 1:

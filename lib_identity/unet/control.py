@@ -162,6 +162,14 @@ class PreparedControl:
             self._rows[key] = found
         return found
 
+    def latent_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The noisy latent the control reads: an inpainting UNet's ``x`` also carries the mask and the
+        masked picture (9 channels); a control made for 4 (``in_channels``) reads the first 4."""
+        channels = getattr(self.module, "in_channels", None)
+        if isinstance(channels, int) and 0 < channels < x.shape[1]:
+            return x[:, :channels]
+        return x
+
     def bring_to(self, device) -> None:
         """Move the module to the device the UNet computes on (``--lowvram``/``--medvram``)."""
         first = next(self.module.parameters(), None)
@@ -248,7 +256,7 @@ class ControlHooks:
                 c.bring_to(x.device)
                 hint = c.hint_for(width, height, batch, x.device, x.dtype)
                 context = c.row_contexts(batch, n_cond, x.device, x.dtype)
-                out = list(c.module(x, hint, timesteps, context, y))
+                out = list(c.module(c.latent_input(x), hint, timesteps, context, y))
                 if len(out) != self.n_skips + 1:
                     raise PatchError(f"{c.name}: the control gave {len(out)} residuals, the UNet takes "
                                      f"{self.n_skips + 1} ({self.n_skips} skips and the middle); it is for another base model")
