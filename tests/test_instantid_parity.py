@@ -21,20 +21,25 @@ from lib_identity.methods.instantid import instantid_parts
 from lib_identity.models import load_adapter
 from lib_identity.unet import PatchSession, remove_sessions
 from unet_helpers import CONTEXT, diffusers_state_dict, hook_counts
-from unet_models import SDXL, ldm_and_diffusers_unets
+from unet_models import SDXL, build_ldm_unet, randomize_, to_diffusers
 
 ATOL = 1e-4
 KPS = [[20.0, 24.0], [44.0, 24.0], [32.0, 34.0], [23.0, 46.0], [41.0, 46.0]]  # on a 64x64 picture
 
 
 @pytest.fixture(scope="module")
-def unets():
-    return ldm_and_diffusers_unets({SDXL: 31}, CONTEXT)
+def ldm():
+    return randomize_(build_ldm_unet(SDXL, context_dim=CONTEXT[SDXL]), seed=31)
 
 
 @pytest.fixture(scope="module")
-def parts(unets, tmp_path_factory):
-    ldm = unets[SDXL][0]
+def unets(ldm):
+    """The ldm UNet and the same weights in diffusers (the oracle; the pins lane skips these tests)."""
+    return {SDXL: (ldm, to_diffusers(ldm, SDXL, context_dim=CONTEXT[SDXL]))}
+
+
+@pytest.fixture(scope="module")
+def parts(ldm, tmp_path_factory):
     path = write_instantid_adapter(tmp_path_factory.mktemp("instantid"), ldm, seed=5)
     info = formats.inspect(str(path))
     assert info.family == "instantid-adapter"
@@ -123,8 +128,7 @@ def official_keep(i, n, start, end):
     return not (i / n < start or (i + 1) / n > end)
 
 
-def test_identitynet_acts_exactly_in_its_step_window(unets, parts):
-    ldm = unets[SDXL][0]
+def test_identitynet_acts_exactly_in_its_step_window(ldm, parts):
     _, image_proj, ip_layers, net = parts
     raw = torch.randn(1, 512, generator=torch.Generator().manual_seed(4)) * 20
     n, start, end = 10, 0.2, 0.55
@@ -142,8 +146,7 @@ def test_identitynet_acts_exactly_in_its_step_window(unets, parts):
     assert acted.count(True) == 3  # steps 2, 3, 4: step 5 ends at 0.6 > 0.55
 
 
-def test_removal_leaves_the_unet_bit_identical_also_when_sampling_raises(unets, parts):
-    ldm = unets[SDXL][0]
+def test_removal_leaves_the_unet_bit_identical_also_when_sampling_raises(ldm, parts):
     _, image_proj, ip_layers, net = parts
     unit = instantid_parts(image_proj, ip_layers, [torch.randn(512) * 20], identitynet=net, keypoints=KPS,
                            source_size=(64, 64))

@@ -166,6 +166,10 @@ class PreparedControl:
         """The noisy latent the control reads: an inpainting UNet's ``x`` also carries the mask and the
         masked picture (9 channels); a control made for 4 (``in_channels``) reads the first 4."""
         channels = getattr(self.module, "in_channels", None)
+        if channels is None:  # a ControlNet's first convolution reads the latent
+            first = getattr(self.module, "input_blocks", None)
+            conv = next((m for m in first.modules() if isinstance(m, torch.nn.Conv2d)), None) if first is not None else None
+            channels = conv.in_channels if conv is not None else None
         if isinstance(channels, int) and 0 < channels < x.shape[1]:
             return x[:, :channels]
         return x
