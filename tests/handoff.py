@@ -15,12 +15,14 @@ For a new method's settings (InstantID, PhotoMaker):
 
 and compare with ``reference(env, prompts, ...)``: the bare UNet under a ``PatchSession`` built
 from what the setting should produce (tokens of the expected encoding, a mask, a window).
-Extra UNet-side probes (a ControlNet's residuals) can be added the same way ``_probe`` does.
+``attention_probe(unet)`` records the same around a bare ``PatchSession``; other UNet-side probes
+(a ControlNet's residuals) can be added the same way.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -110,7 +112,7 @@ class Seen:
     """One denoiser step: the UNet's output over all rows, and per cross-attention (A1111 name)
     the text branch's output and what reached ``to_out`` (one tensor per UNet call, joined)."""
 
-    out: torch.Tensor
+    out: Optional[torch.Tensor]
     text: Dict[str, torch.Tensor] = field(default_factory=dict)
     final: Dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -123,25 +125,34 @@ class Seen:
         return any(bool(self.added(name).abs().max() > 0) for name in self.text)
 
 
-def _probe(unet, text, final):
-    """Hooks on every ``attn2.to_out[0]``: one runs before the identity's own pre-hook (the text
-    branch), one after the module (its input then carries the image branch)."""
+@contextlib.contextmanager
+def attention_probe(unet):
+    """Record every cross-attention while inside: yields a ``Seen`` (without ``out``) whose
+    ``text``/``final`` fill per layer. Hooks on ``attn2.to_out[0]``: one runs before the
+    identity's own pre-hook (the text branch), one after the module (its input then carries the
+    image branch). Usable with a bare ``PatchSession`` too."""
     from lib_identity.unet import find_cross_attentions
 
-    handles = []
+    text, final, handles = {}, {}, []
     for layer in find_cross_attentions(unet):
-        out = layer.module.to_out[0]
-        name = layer.name
-
-        def before(module, args, name=name):
+        def before(module, args, name=layer.name):
             text.setdefault(name, []).append(args[0].detach().clone())
 
-        def after(module, args, output, name=name):
+        def after(module, args, output, name=layer.name):
             final.setdefault(name, []).append(args[0].detach().clone())
 
+        out = layer.module.to_out[0]
         handles.append(out.register_forward_pre_hook(before, prepend=True))
         handles.append(out.register_forward_hook(after))
-    return handles
+    seen = Seen(out=None)
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+        # one tensor per UNet call, joined along the rows
+        seen.text.update({k: torch.cat(v) for k, v in text.items()})
+        seen.final.update({k: torch.cat(v) for k, v in final.items()})
 
 
 def _text_cond(c, n_cond, sdxl_style):
@@ -164,9 +175,7 @@ def generate(env, units: Sequence[dict], *, steps: int = 1, n_cond: int = 1, cal
     def sample(*a, **k):
         env.runtime.before_sampling(p)  # the WebUI's process_before_every_sampling
         for step in range(steps):
-            text, final = {}, {}
-            handles = _probe(env.unet, text, final)
-            try:
+            with attention_probe(env.unet) as probe:
                 for fn in list(env.callbacks):
                     fn(SimpleNamespace(text_cond=_text_cond(c, n_cond, sdxl_style), x=x,
                                        denoiser=SimpleNamespace(step=step, total_steps=steps)))
@@ -175,11 +184,8 @@ def generate(env, units: Sequence[dict], *, steps: int = 1, n_cond: int = 1, cal
                     for rows in split:
                         outs.append(env.model.model(x[start:start + rows], t[start:start + rows], c[start:start + rows]))
                         start += rows
-            finally:
-                for h in handles:
-                    h.remove()
-            seen.append(Seen(torch.cat(outs), {k: torch.cat(v) for k, v in text.items()},
-                             {k: torch.cat(v) for k, v in final.items()}))
+            probe.out = torch.cat(outs)
+            seen.append(probe)
 
     p = new_p(env.model, sample)
     env.runtime.process(p, list(units))
