@@ -174,7 +174,7 @@ def load_identitynet(path: str, *, unet: nn.Module, device=None, dtype: Optional
     else:
         config, built_from = config_from_shapes(weights.shapes, weights.weights_path), "its shapes"
     unet_context, unet_adm = _unet_dims(unet)
-    if unet_context is not None and unet_context != config.context_dim or unet_adm not in (None, config.adm_in_channels):
+    if (unet_context is not None and unet_context != config.context_dim) or unet_adm not in (None, config.adm_in_channels):
         raise CheckpointError(weights.source, f"this ControlNet is for a UNet with context {config.context_dim} and "
                                               f"added condition {config.adm_in_channels}, the loaded checkpoint has "
                                               f"{unet_context} and {unet_adm}: IdentityNet needs an SDXL checkpoint")
