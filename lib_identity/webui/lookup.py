@@ -12,12 +12,7 @@ from . import folders, settings
 
 def loaded_base() -> Optional[str]:
     """'sd15' / 'sdxl' for the loaded checkpoint, None when none is loaded or it is neither."""
-    try:
-        from modules import shared
-
-        model = shared.sd_model
-    except Exception:  # noqa: BLE001
-        return None
+    model = _loaded_model()
     if model is None:
         return None
     if getattr(model, "is_sdxl", False):
@@ -25,6 +20,35 @@ def loaded_base() -> Optional[str]:
     if getattr(model, "is_sd1", False):
         return "sd15"
     return None
+
+
+def _loaded_model():
+    """The loaded checkpoint, or None; never loads one (``shared.sd_model`` would, when none has
+    been loaded yet, and the API gate asks from outside the queue lock)."""
+    try:
+        from modules import sd_models
+
+        return sd_models.model_data.sd_model
+    except Exception:  # noqa: BLE001 - an older WebUI, or the stand-in of the tests
+        pass
+    try:
+        from modules import shared
+
+        return shared.sd_model
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def resolve_units(units, base: Optional[str]) -> list:
+    """``units.validate_for_run`` against the configured model folders: the one check of enabled
+    units that a run (``runtime.process``) and the API gate (``api_gate``) both make."""
+    return U.validate_for_run(
+        units,
+        base=base,
+        find_model=folders.find_model,
+        find_encoder=find_encoder_for_run,
+        model_names=lambda: [e.name for e in folders.list_models() if e.usable],
+    )
 
 
 def model_choices(refresh: bool = False) -> List[str]:

@@ -18,7 +18,7 @@ from .. import units as U
 from ..errors import IdentityError
 from ..unet import PatchSession, remove_sessions
 from ..units import write_infotext
-from . import folders, lookup, settings
+from . import lookup, settings
 
 log = logging.getLogger("sd-webui-identity")
 
@@ -102,13 +102,7 @@ def process(p, args):
         if not any(u.enabled for u in units):
             write_infotext(p.extra_generation_params, [])
             return
-        resolved = U.validate_for_run(
-            units,
-            base=lookup.loaded_base(),
-            find_model=folders.find_model,
-            find_encoder=lookup.find_encoder_for_run,
-            model_names=lambda: [e.name for e in folders.list_models() if e.usable],
-        )
+        resolved = lookup.resolve_units(units, lookup.loaded_base())
         titles = {r.number: r.unit.model for r in resolved}
         write_infotext(p.extra_generation_params, units, model_titles=titles)
         state.resolved = resolved
