@@ -1,5 +1,9 @@
-"""InstantID test material: the adapter file for the tiny SDXL UNet, a stand-in IdentityNet, and
-stand-ins for the keypoint drawing while the ``identitynet`` branch is not merged.
+"""InstantID test material: the adapter file for the tiny SDXL UNet and a stand-in IdentityNet.
+
+The tests' tiny SDXL UNet has no ``label_emb`` (it is called without ``y``), which the real
+IdentityNet needs; so the glue and parity tests use a control module with IdentityNet's call
+built from the UNet's own blocks. The real module's numbers are tests/test_identitynet.py's
+(parity with diffusers' ControlNetModel), its loading through the cache is tested there too.
 
 * ``write_instantid_adapter``: InstantID's ``ip-adapter.bin`` layout (Resampler on the 512-wide
   ArcFace embedding, 16 queries, 2048-wide tokens; ``to_k_ip``/``to_v_ip`` per cross-attention)
@@ -7,10 +11,9 @@ stand-ins for the keypoint drawing while the ``identitynet`` branch is not merge
 * ``StandInIdentityNet``: a ControlNet built from the UNet's own ldm modules (copies of its
   ``time_embed``, ``input_blocks`` and ``middle_block``, a hint convolution, zero convolutions
   with random weights) with IdentityNet's call: ``forward(x, hint, timesteps, context, y)`` ->
-  9 skips and the middle. Its own numbers are the ``identitynet`` branch's to check against
-  diffusers' ``ControlNetModel``; here it stands for any control module with that call.
-* ``standin_modules(monkeypatch)``: ``lib_identity.models.identitynet`` (a loader of the
-  stand-in's files) and, when the real one is absent, ``lib_identity.encoders.faces.keypoints``.
+  9 skips and the middle; it stands for any control module with that call.
+* ``standin_modules(monkeypatch)``: ``lib_identity.models.identitynet`` replaced by a loader of
+  the stand-in's files.
 """
 
 from __future__ import annotations
@@ -19,15 +22,11 @@ import copy
 import sys
 import types
 
-import numpy as np
 import torch
 
 from checkpoints import write_random
 from lib_identity.unet import find_cross_attentions
 from unet_helpers import image_proj_keys
-
-KEYPOINT_COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]
-
 
 def write_instantid_adapter(folder, unet, seed: int, name: str = "ip-adapter", suffix: str = ".bin"):
     """A random-weight InstantID adapter (fp32, as published) for ``unet``'s cross-attentions."""
@@ -101,30 +100,6 @@ class StandInIdentityNet(torch.nn.Module):
 # ---------------------------------------------------------------- stand-in modules
 
 
-def _standin_keypoints_module():
-    """The seam's two functions, simply: crop-and-resize mapping and dots in draw_kps' colours."""
-    import cv2
-
-    mod = types.ModuleType("lib_identity.encoders.faces.keypoints")
-
-    def keypoints_in_frame(kps, source_size, target_size):
-        sw, sh = source_size
-        tw, th = target_size
-        scale = max(tw / sw, th / sh)
-        offset = np.array([(tw - sw * scale) / 2.0, (th - sh * scale) / 2.0])
-        return np.asarray(kps, dtype=np.float64) * scale + offset
-
-    def draw_keypoints(kps, width, height):
-        canvas = np.zeros((height, width, 3), dtype=np.uint8)
-        for (x, y), colour in zip(np.asarray(kps), KEYPOINT_COLOURS):
-            cv2.circle(canvas, (int(x), int(y)), max(1, min(width, height) // 16), colour, -1)
-        return canvas
-
-    mod.keypoints_in_frame, mod.draw_keypoints = keypoints_in_frame, draw_keypoints
-    mod.STAND_IN = True
-    return mod
-
-
 def write_standin_identitynet(path, unet, seed: int):
     """A file that ``formats`` takes for IdentityNet (diffusers ControlNet marker keys, SDXL context)
     holding the stand-in's weights, for the stand-in loader."""
@@ -141,7 +116,7 @@ def write_standin_identitynet(path, unet, seed: int):
 
 
 def standin_modules(monkeypatch, loads: list = None):
-    """Put the stand-in IdentityNet loader in place (and stand-in keypoints if the real ones are missing).
+    """Put the stand-in IdentityNet loader in place of ``load_identitynet``.
 
     ``loads`` collects ``(path, device, dtype)`` of every load."""
     from safetensors.torch import load_file
@@ -158,7 +133,3 @@ def standin_modules(monkeypatch, loads: list = None):
 
     ident.load_identitynet = load_identitynet
     monkeypatch.setitem(sys.modules, "lib_identity.models.identitynet", ident)
-    try:
-        import lib_identity.encoders.faces.keypoints  # noqa: F401 - the real one, once merged
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "lib_identity.encoders.faces.keypoints", _standin_keypoints_module())

@@ -21,7 +21,7 @@ pytest.importorskip("onnxruntime")
 import face_models as fm  # noqa: E402
 from fake_webui import install_fake_modules  # noqa: E402
 from instantid_helpers import standin_modules, write_instantid_adapter, write_standin_identitynet  # noqa: E402
-from test_webui_runtime import Wrapper, new_p  # noqa: E402
+from handoff import Wrapper, new_p  # noqa: E402
 from unet_helpers import CONTEXT, hook_counts, unet_inputs  # noqa: E402
 from unet_models import SDXL, build_ldm_unet, randomize_  # noqa: E402
 

@@ -43,11 +43,19 @@ class IdentityNetCache:
             if hit is not None:
                 self._items.move_to_end(key)
                 return hit
-        print(f"[identity] loading IdentityNet {os.path.basename(path.rstrip(os.sep))}")
+        name = os.path.basename(path.rstrip(os.sep))
+        print(f"[identity] loading IdentityNet {name}")
+        close = None
+        if progress is None:
+            progress, close = _console_progress(name)
         with self._lock:  # make room first: two 2.5 GB models at once is what the bound is for
             while self._items and len(self._items) >= max(1, self.size):
                 self._items.popitem(last=False)
-        loaded = load_identitynet(path, unet=unet, device=device, dtype=dtype, progress=progress)
+        try:
+            loaded = load_identitynet(path, unet=unet, device=device, dtype=dtype, progress=progress)
+        finally:
+            if close is not None:
+                close()
         loaded.eval().requires_grad_(False)
         with self._lock:
             self._items[key] = loaded
@@ -67,6 +75,21 @@ class IdentityNetCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def _console_progress(name: str):
+    """A console bar over the tensors read (2.5 GB take a while on a slow disk), and its closer."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the WebUI ships tqdm; without it the start line is all there is
+        return None, None
+    bar = tqdm(desc=f"[identity] {name}", unit=" tensors", leave=False)
+
+    def step(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return step, bar.close
 
 
 identitynets = IdentityNetCache()
