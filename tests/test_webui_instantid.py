@@ -97,6 +97,8 @@ def test_an_instantid_unit_acts_is_recorded_and_leaves_the_unet_as_it_was(webui,
     outs, params = generate(webui, [unit], [first, hires])
     entry = params["Identity 1"]
     assert entry.startswith(f"model: {webui.adapter} [") and "ip weight: 0.7" in entry and "identitynet weight: 0.9" in entry
+    # InstantID has no plain weight and always averages its faces: neither is written as if it counted
+    assert ", weight:" not in entry and "combine:" not in entry and "preparation:" not in entry
     assert all(not torch.allclose(o, b, atol=1e-4) for o, b in zip(outs, bare))
 
     adapter_only, _ = generate(webui, [dict(unit, identitynet_weight=0)], [first])

@@ -45,7 +45,7 @@ METHOD_OF_FAMILY = {
 ATTENTION_METHODS = ("ip-adapter", "faceid", "instantid")  # the ones that add image tokens to cross-attention
 CLIP_METHODS = ("ip-adapter", "photomaker")  # the ones that fit whole pictures to a CLIP encoder
 FACE_METHODS = ("faceid", "instantid", "photomaker")  # the ones that start from insightface's faces
-NOT_INSTANTID = ("ip-adapter", "faceid", "photomaker")  # InstantID has ip_weight and identitynet_weight instead of weight
+NOT_INSTANTID = ("ip-adapter", "faceid", "photomaker")  # InstantID: ip_weight and identitynet_weight, not weight; its faces are averaged
 S_SCALE_RANGE = (0.0, 3.0)
 LORA_WEIGHT_RANGE = (0.0, 2.0)
 
@@ -105,7 +105,7 @@ FIELDS: Tuple[FieldSpec, ...] = (
     FieldSpec("end", 1.0, Number(0.0, 1.0), "fraction of the sampling steps where it stops (after start)",
               "End (fraction of steps)", "slider", "strength", step=0.01, infotext="end", axis=True),
     FieldSpec("combine", "average", Choice(COMBINE_MODES), "how several reference images are combined",
-              "Several images", "radio", "combine", infotext="combine", axis=True),
+              "Several images", "radio", "combine", infotext="combine", axis=True, methods=NOT_INSTANTID),
     FieldSpec("preparation", "crop", Choice(PREPARATIONS), "how a reference image is fitted to the encoder's square input",
               "Fit to the encoder's square", "radio", "fit", infotext="preparation", methods=CLIP_METHODS),
     FieldSpec("crop_position", "center", Choice(CROP_POSITIONS), "which part a 'crop' preparation keeps",

@@ -104,7 +104,8 @@ def process(p, args):
             return
         resolved = lookup.resolve_units(units, lookup.loaded_base())
         titles = {r.number: r.unit.model for r in resolved}
-        write_infotext(p.extra_generation_params, units, model_titles=titles)
+        methods = {r.number: U.METHOD_OF_FAMILY.get(r.model.info.family) for r in resolved}
+        write_infotext(p.extra_generation_params, units, model_titles=titles, methods=methods)
         state.resolved = resolved
         _remove_when_sampling_ends(p)
     except IdentityError as e:
