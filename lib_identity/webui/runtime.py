@@ -104,7 +104,8 @@ def process(p, args):
             return
         resolved = lookup.resolve_units(units, lookup.loaded_base())
         titles = {r.number: r.unit.model for r in resolved}
-        write_infotext(p.extra_generation_params, units, model_titles=titles)
+        methods = {r.number: U.METHOD_OF_FAMILY.get(r.model.info.family) for r in resolved}
+        write_infotext(p.extra_generation_params, units, model_titles=titles, methods=methods)
         state.resolved = resolved
         _remove_when_sampling_ends(p)
     except IdentityError as e:
@@ -150,16 +151,17 @@ def before_sampling(p):
         default_cache().resize(max(0, int(settings.option("identity_cache_size"))))
         default_face_cache().resize(max(0, int(settings.option("identity_cache_size"))))
         unet = p.sd_model.model.diffusion_model
-        parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet)
-        session = PatchSession(unet, parts.prompts, owner=OWNER, loras=parts.loras).install()
+        parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet, unet=unet)
+        session = PatchSession(unet, parts.prompts, owner=OWNER, loras=parts.loras, controls=parts.controls).install()
         state.session = session
 
         def on_cfg_denoiser(params):
             denoiser = params.denoiser
-            progress = None
+            progress = total = None
             if denoiser is not None and getattr(denoiser, "total_steps", None):
-                progress = denoiser.step / denoiser.total_steps
-            session.begin_step(_cond_rows(params.text_cond), progress, n_rows=int(params.x.shape[0]))
+                total = int(denoiser.total_steps)
+                progress = denoiser.step / total
+            session.begin_step(_cond_rows(params.text_cond), progress, n_rows=int(params.x.shape[0]), total_steps=total)
 
         if state.cfg_callback is not None:
             script_callbacks.remove_callbacks_for_function(state.cfg_callback)
