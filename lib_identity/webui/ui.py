@@ -37,7 +37,17 @@ def model_status(model_title: str) -> str:
         name = U.describe_need(need)
         parts.append(f"needs {name}: found" if found else f"needs {name}: **missing** — {where}")
     parts += [f"note: {h}" for h in info.hints]
-    return " · ".join(parts)
+    if info.family == "instantid-adapter":
+        parts.append(_controlnet_names(entry.path))
+    return " · ".join(p for p in parts if p)
+
+
+def _controlnet_names(adapter_path: str) -> str:
+    """Whether the ControlNet extension (when installed) would take these files as InstantID."""
+    from . import controlnet_bridge
+
+    found, identitynet = lookup.find_encoder_status(controlnet_bridge.IDENTITYNET)
+    return controlnet_bridge.names_status(adapter_path, identitynet if found else None)
 
 
 def build(script, is_img2img: bool):
