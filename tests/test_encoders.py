@@ -599,6 +599,18 @@ def test_second_generation_with_the_same_pictures_runs_no_encoder():
     assert len(enc.calls) == 3
     encode_images(enc.model, copies, "image_embeds", **kw)
     assert len(enc.calls) == 4
+    # another crop position, another pad colour: encoded anew, and each result is of its own pixels
+    results = {}
+    for prep in [Preparation(crop_position="top"), Preparation(mode="pad"), Preparation(mode="pad", pad_color="#ffffff")]:
+        before = len(enc.calls)
+        results[prep], _ = encode_images(enc.model, copies, "image_embeds", prep, **kw)
+        assert len(enc.calls) == before + 1, prep
+        want = reference_outputs(enc.model, prepare_pixels(copies, prep, size=32))[0]
+        torch.testing.assert_close(results[prep], want, rtol=0, atol=1e-6)
+    before = len(enc.calls)
+    again, _ = encode_images(enc.model, copies, "image_embeds", Preparation(mode="pad"), **kw)
+    assert len(enc.calls) == before and torch.equal(again, results[Preparation(mode="pad")])
+    assert not torch.allclose(results[Preparation(mode="pad")], results[Preparation(mode="pad", pad_color="#ffffff")], atol=1e-4)
     # another encoder with the same pictures is, too
     other = Counting(seed=9)
     encode_images(other.model, copies, "hidden_states[-2]", **kw)

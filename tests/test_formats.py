@@ -152,6 +152,53 @@ def test_name_hints_choose_between_identical_layouts(tmp_path):
     assert renamed.variant == "ip-adapter_sdxl"
 
 
+# Files people keep in folders named after what they are for: the folder never decides.
+FOLDER_NAMES_THAT_DECIDE_NOTHING = [
+    ("ip-adapter_sd15", "highlights/ip-adapter_sd15.safetensors", "ip-adapter_sd15"),
+    ("ip-adapter_sd15", "light/v11/ip-adapter_sd15.bin", "ip-adapter_sd15"),
+    ("ip-adapter-plus_sd15", "faceswap/ip-adapter-plus_sd15.safetensors", "ip-adapter-plus_sd15"),
+    ("ip-adapter-faceid-plus_sd15", "v2/ip-adapter-faceid-plus_sd15.bin", "ip-adapter-faceid-plus_sd15"),
+    ("ip-adapter-faceid-portrait_sd15", "portrait-v11/ip-adapter-faceid-portrait_sd15.bin",
+     "ip-adapter-faceid-portrait_sd15"),
+    ("instantid_ip-adapter", "portraits/InstantID/ip-adapter.bin", "instantid-adapter_sdxl"),
+    # a diffusers-style folder: its own name counts, the folders above it do not
+    ("ip-adapter-plus_sd15", "faceswap/ip-adapter-plus_sd15/model.safetensors", "ip-adapter-plus_sd15"),
+    ("ip-adapter-plus_sd15", "models/ip-adapter-plus-face_sd15/model.safetensors", "ip-adapter-plus-face_sd15"),
+]
+
+
+@pytest.mark.parametrize("layout,where,variant", FOLDER_NAMES_THAT_DECIDE_NOTHING)
+def test_only_the_checkpoints_own_name_chooses_between_identical_layouts(tmp_path, layout, where, variant):
+    path = write_layout(manifest_keys(layout), tmp_path / where, dtype=torch.float32)
+    target = path.parent if path.name == "model.safetensors" else path
+    info = formats.inspect(target)
+    assert info.variant == variant
+    if layout == "instantid_ip-adapter":  # not FaceID portrait: InstantID's own face pack
+        assert (info.family, info.face_model) == ("instantid-adapter", "antelopev2")
+    if layout == "ip-adapter-faceid-plus_sd15":
+        assert info.params["shortcut"] is False
+
+
+@pytest.mark.parametrize("name", ["ip-adapter-plus_face_sd15", "ip-adapter-plus-face_sd15", "ip-adapter-plusface_sd15",
+                                  "IP-Adapter-Face-Plus_sd15", "my plus face"])
+def test_plus_face_is_chosen_by_the_names_people_use(tmp_path, name):
+    info = formats.inspect(write_layout(manifest_keys("ip-adapter-plus_sd15"), tmp_path / "plus" / f"{name}.safetensors"))
+    assert info.variant == "ip-adapter-plus-face_sd15"
+
+
+@pytest.mark.parametrize("name,variant", [
+    ("ip-adapter_sd15_light_v11.bin", "ip-adapter_sd15_light_v11"),
+    ("ip-adapter-faceid-plusv2_sd15.bin", "ip-adapter-faceid-plusv2_sd15"),
+    ("ip-adapter-faceid-portrait-v11_sd15.bin", "ip-adapter-faceid-portrait-v11_sd15"),
+    ("ip-adapter-faceid-portrait-unnorm_sdxl.bin", "ip-adapter-faceid-portrait-unnorm_sdxl"),
+])
+def test_hints_in_the_file_name_still_decide(tmp_path, name, variant):
+    layout = {"ip-adapter_sd15_light_v11.bin": "ip-adapter_sd15", "ip-adapter-faceid-plusv2_sd15.bin": "ip-adapter-faceid-plus_sd15",
+              "ip-adapter-faceid-portrait-v11_sd15.bin": "ip-adapter-faceid-portrait_sd15",
+              "ip-adapter-faceid-portrait-unnorm_sdxl.bin": "instantid_ip-adapter"}[name]
+    assert formats.inspect(write_layout(manifest_keys(layout), tmp_path / "models" / name)).variant == variant
+
+
 # ---------------------------------------------------------------- safety and bad files
 
 
@@ -189,14 +236,20 @@ def test_legacy_pickle_payload_is_refused(tmp_path):
     assert not os.path.exists(marker)
 
 
-def test_truncated_safetensors(tmp_path):
+@pytest.mark.parametrize("cut", [4, "half"])
+def test_truncated_safetensors(tmp_path, cut):
+    """A download that stopped a few bytes short is reported by our own length check, with both
+    sizes, when the file is listed and when it is loaded."""
     path = tmp_path / "ip-adapter_sd15.safetensors"
     write_random(manifest_keys("ip-adapter_sd15"), path, dtype=torch.float16)
     size = path.stat().st_size
+    short = size // 2 if cut == "half" else size - cut
     with open(path, "r+b") as fh:
-        fh.truncate(size // 2)
-    with pytest.raises(CheckpointError, match="truncated"):
-        formats.inspect(path)
+        fh.truncate(short)
+    for read in (formats.inspect, formats.load_tensors):
+        with pytest.raises(CheckpointError) as raised:
+            read(path)
+        assert f"the file is truncated: {short} bytes on disk, its header describes {size}" in str(raised.value)
 
 
 def test_truncated_bin(tmp_path):

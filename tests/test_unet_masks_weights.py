@@ -6,6 +6,7 @@ import torch
 from lib_identity.errors import PatchError
 from lib_identity.unet import PRESETS, PatchSession, find_cross_attentions, remove_sessions, resolve_layer_weights
 from lib_identity.unet.masks import level_sizes, resize_mask, token_grid
+from handoff import attention_probe
 from unet_helpers import random_prompt, unet_inputs
 from unet_models import SD15, SDXL, build_ldm_unet, randomize_
 
@@ -99,15 +100,27 @@ def test_a_mask_scales_the_image_branch_per_token_at_every_resolution(unet):
 
 
 def test_a_hires_pass_resizes_the_mask_to_its_new_grids(unet):
+    """A new pass at twice the size (hires fix): at every attention grid of that pass, the unit
+    adds nothing where the mask is black and acts where it is white."""
     mask = torch.zeros(40, 40)
-    mask[:20] = 1.0
+    mask[:20] = 1.0  # top half
     for hw in ((8, 8), (16, 16)):  # first pass, then a 2x hires pass with a new session
         x, t, c = unet_inputs(2, C, hw=hw)
-        with torch.no_grad(), PatchSession(unet, [random_prompt(unet, C, mask=mask)]) as session:
+        with torch.no_grad(), PatchSession(unet, [random_prompt(unet, C, mask=mask)]) as session, \
+                attention_probe(unet) as seen:
             session.begin_step(1, 0.2)
             unet(x, t, context=c)
-            grids = {key[0] for key in session.prepared[0].mask._cache}
-        assert grids == {s[0] * s[1] for s in level_sizes(*hw, levels=4)}  # 3 levels + the middle block
+        grids = set()
+        for name in seen.text:
+            added = seen.added(name)
+            h, w = token_grid(added.shape[1], hw)
+            if h < 2:  # the 1x1 middle of the first pass averages the mask
+                continue
+            grid = added.reshape(2, h, w, -1)
+            assert torch.count_nonzero(grid[:, h // 2:]) == 0, (hw, name)
+            assert grid[:, : h // 2].abs().max() > 1e-4, (hw, name)
+            grids.add((h, w))
+        assert grids == {s for s in level_sizes(*hw, levels=4) if s[0] >= 2}  # 3 levels (or 4), each checked
 
 
 # ---------------------------------------------------------------- presets

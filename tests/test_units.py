@@ -61,7 +61,8 @@ def ui_block(**fields):
         "enabled": False, "model": "None", "images": None, "image_weights": "", "weight": 1.0, "start": 0.0, "end": 1.0,
         "combine": "average", "preparation": "crop", "crop_position": "center", "layer_preset": "standard",
         "layer_weights": "", "mask": None, "uncond": "zero", "negative_image": None, "face": "largest", "s_scale": 1.0,
-        "lora_weight": 1.0,
+        "lora_weight": 1.0, "ip_weight": 0.8, "identitynet_weight": 0.8, "identitynet_start": 0.0,
+        "identitynet_end": 1.0, "pose_image": None, "uncond_noise": 0.0, "via_controlnet": False,
     }
     assert set(ui_defaults) == set(U.UI_FIELDS), "the test's UI layout must follow UI_FIELDS"
     ui_defaults.update(fields)
@@ -248,6 +249,20 @@ def test_api_bad_images_fail_with_unit_and_field(value, fragment):
     _Trap.fired = False
     fails(lambda: U.Unit.from_api({"model": "m", "images": [value]}, 2), 2, "images", "image 1 of 1", fragment)
     assert not _Trap.fired, "a pickle from the API was unpickled"
+
+
+def test_exactly_the_documented_maximum_of_reference_images_is_accepted():
+    refs = [data_url(picture(100 + i, size=(8, 8))) for i in range(U.MAX_IMAGES + 1)]
+    assert U.MAX_IMAGES == 16  # README and the API schema promise 16
+    weights = [0.5 + i / 8 for i in range(16)]
+    unit = U.Unit.from_api({"model": "m", "images": refs[:16], "combine": "weighted average", "image_weights": weights}, 1)
+    assert len(unit.images) == 16 and unit.image_weights == tuple(weights)
+    assert len(set(unit.image_hashes)) == 16
+    ui = U.Unit.from_ui(ui_block(enabled=True, model="m", images=[picture(100 + i, size=(8, 8)) for i in range(16)]), 1)
+    assert len(ui.images) == 16
+    fails(lambda: U.Unit.from_api({"model": "m", "images": refs}, 1), 1, "images", "at most 16", "got 17")
+    fails(lambda: U.Unit.from_ui(ui_block(enabled=True, model="m", images=[picture(1)] * 17), 2), 2, "images", "got 17")
+    fails(lambda: U.Unit.from_api({"model": "m", "images": refs[:16], "image_weights": [1] * 17}, 3), 3, "image_weights")
 
 
 def test_api_image_limits(monkeypatch):
@@ -468,7 +483,8 @@ def test_override_layers_and_enabled():
 
 
 def test_axis_helpers():
-    assert set(U.AXIS_FIELDS) == {"enabled", "model", "weight", "start", "end", "layer_preset", "combine", "face", "s_scale", "lora_weight"}
+    assert set(U.AXIS_FIELDS) == {"enabled", "model", "weight", "start", "end", "layer_preset", "combine", "face", "s_scale", "lora_weight",
+                                "ip_weight", "identitynet_weight"}
     assert U.axis_choices("combine") == list(U.COMBINE_MODES)
     assert U.axis_choices("layer_preset") == list(U.LAYER_PRESETS)
     assert U.axis_choices("model", ["a", "b"]) == ["a", "b"] and U.axis_choices("weight") is None
@@ -567,6 +583,28 @@ def test_infotext_round_trip_through_webui_quoting():
     assert restored[3]["fields"]["uncond"] == "image"
     msg = restored[1]["message"]
     assert msg.startswith("Identity unit 1 needs reference images ") and all(h in msg for h in units[0].image_hashes)
+
+
+def test_infotext_keeps_every_number_exactly_through_png_info():
+    """The numbers a user typed come back unchanged from PNG Info: written into the PNG's
+    ``parameters`` text as the WebUI writes it, read back from the file as PNG Info reads it."""
+    from PIL.PngImagePlugin import PngInfo
+
+    layers = [0.125, 1 / 3, 2.875, 0.0, 1e-07] + [1.0] * 11
+    unit = U.Unit.from_api(
+        {"model": "m", "images": [data_url(picture(i)) for i in range(3)], "weight": 0.875, "start": 0.333,
+         "end": 2 / 3, "combine": "weighted average", "image_weights": [0.125, 1.75, 0.333], "layer_weights": layers}, 1)
+    params = {"Steps": 20, "Seed": 1}
+    write_infotext(params, [unit])
+    meta = PngInfo()
+    meta.add_text("parameters", webui_infotext(params))
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG", pnginfo=meta)
+    text = Image.open(io.BytesIO(buf.getvalue())).info["parameters"]
+    fields = units_from_infotext(webui_parse(text))[0]["fields"]
+    assert fields["weight"] == 0.875 and fields["start"] == 0.333 and fields["end"] == 2 / 3
+    assert fields["image_weights"] == (0.125, 1.75, 0.333)
+    assert fields["layer_preset"] == "custom" and tuple(fields["layer_weights"]) == tuple(layers)
 
 
 def test_infotext_from_still_quoted_values_and_key_order():

@@ -249,7 +249,7 @@ def test_a_problem_found_before_processing_stops_the_run_at_the_first_unet_call(
     model = SimpleNamespace(model=torch.nn.Linear(2, 2))
     install_fake_modules(monkeypatch, models_path=env.pack, sd_model=model)
     monkeypatch.setattr(runtime, "units_for", lambda p, args: [instantid_unit(env).unit])
-    monkeypatch.setattr(runtime, "_validate", lambda units: [instantid_unit(env)])
+    monkeypatch.setattr(runtime.lookup, "resolve_units", lambda units, base: [instantid_unit(env)])
     p = SimpleNamespace(sd_model=model, extra_generation_params={}, sample=None)
     runtime.before_process(p, [])  # no ControlNet extension loaded
     runtime.process(p, [])

@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime")
 import face_models as fm  # noqa: E402
 from fake_webui import install_fake_modules  # noqa: E402
 from faceid_helpers import write_faceid  # noqa: E402
-from test_webui_runtime import Wrapper, denoise, new_p  # noqa: E402
+from handoff import Wrapper, denoise, new_p  # noqa: E402
 from unet_helpers import CONTEXT, hook_counts, unet_inputs  # noqa: E402
 from unet_models import SD15, build_ldm_unet, randomize_  # noqa: E402
 

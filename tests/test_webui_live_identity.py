@@ -108,7 +108,10 @@ def test_a_bad_unit_fails_the_request_with_its_message(webui, unit, message):
     unit = {k: ([reference(5) if i == "IMG" else i for i in v] if k == "images" else v) for k, v in unit.items()}
     with pytest.raises(WebUIError) as e:
         webui.post("/sdapi/v1/txt2img", with_units(unit))
-    assert "500" in str(e.value) and message in str(e.value)
+    # answered by the gate, before the WebUI's handler: a client error with the unit and field
+    assert "answered HTTP 422" in str(e.value) and message in str(e.value)
+    detail = json.loads(str(e.value).split("answered HTTP 422: ", 1)[1])["detail"][0]
+    assert detail["loc"][:5] == ["body", "alwayson_scripts", "identity", "args", 0]
 
 
 def test_the_unet_is_clean_afterwards(webui, plain):
@@ -152,7 +155,8 @@ def test_every_generation_mode_gets_the_identity(webui, route, extra):
 
 
 def test_routes_are_behind_the_webui_api_auth(webui):
-    """A second WebUI with --api-auth: the identity routes ask for the same credentials."""
+    """A second WebUI with --api-auth: the identity routes ask for the same credentials, and a
+    bad unit sent without them gets the WebUI's 401, not our 422."""
     import urllib.error
     import urllib.request
 
@@ -168,5 +172,13 @@ def test_routes_are_behind_the_webui_api_auth(webui):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(server.base_url + "/identity/v1/version", timeout=30)
         assert e.value.code == 401
+        bad = with_units({"model": "ip-adapter_sd15", "images": [reference(1)], "weight": 9})
+        request = urllib.request.Request(server.base_url + "/sdapi/v1/txt2img", data=json.dumps(bad).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=30)
+        assert e.value.code == 401
+        with pytest.raises(WebUIError, match="answered HTTP 422.*field 'weight'"):
+            server.post("/sdapi/v1/txt2img", bad)
     finally:
         server.stop()

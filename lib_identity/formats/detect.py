@@ -9,7 +9,7 @@ from .ip_adapter import detect_ip_adapter
 from .model_info import Layout, ModelInfo
 from .photomaker import detect_photomaker
 from .sections import read_layout
-from .shapes import name_hints
+from .shapes import name_hints, path_text
 
 
 def detect(layout: Layout) -> ModelInfo:
@@ -23,7 +23,8 @@ def detect(layout: Layout) -> ModelInfo:
     elif "clip_vision" in s:
         info = detect_clip_vision(layout)
     elif "controlnet" in s:
-        info = detect_controlnet(layout, names)
+        # only the wording of a note: IdentityNet's official folder is ``…/InstantID/ControlNetModel``
+        info = detect_controlnet(layout, path_text(layout.path))
     else:
         sample = ", ".join(sorted(layout.section(""))[:3])
         fail(

@@ -5,11 +5,26 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional
 
+from .containers import CHECKPOINT_SUFFIXES
 from .model_info import Shape
 
 
 def name_hints(path: Optional[str]) -> str:
-    """The path, lower-cased with forward slashes: what name hints are looked for in."""
+    """The checkpoint's own name, lower-cased: what the hints between identical layouts read.
+
+    A file's name without its suffix, or a diffusers folder's own name. Never the folders above
+    it: ``highlights/``, ``faceswap/``, ``portraits/`` or ``v2/`` say nothing about the file.
+    """
+    text = (path or "").replace("\\", "/").rstrip("/")
+    name = text.rsplit("/", 1)[-1].lower()
+    for suffix in CHECKPOINT_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def path_text(path: Optional[str]) -> str:
+    """The whole path, lower-cased with forward slashes, for messages that decide nothing."""
     return (path or "").replace("\\", "/").lower()
 
 

@@ -5,6 +5,8 @@
 * ``build_photomaker(info)``: PhotoMaker's ``id_encoder``.
 * ``load_adapter`` / ``load_photomaker``: build on the ``meta`` device, then load the official
   tensors strictly (every key, every shape), cast to one dtype, on one device.
+* ``load_identitynet(path, unet=...)``: InstantID's IdentityNet (an SDXL ControlNet) built from the
+  host UNet's own classes, loaded strictly from a diffusers folder or one file in either naming.
 
 Nothing here imports the WebUI; transformers is imported only when PhotoMaker is built.
 """
@@ -19,6 +21,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..formats import ModelInfo
 from .faceid import FaceIDProjModel, ProjPlusModel
+from .identitynet import IdentityNet, load_identitynet
 from .ip_layers import FaceIDLoRA, IPAttentionLayers, IPKeyValue, file_key, is_lora_key
 from .loading import check_state_dict, load_state_dict_strict
 from .photomaker import POSITION_IDS, PhotoMakerIDEncoder, PhotoMakerIDEncoderV2, build_from_params
@@ -30,6 +33,7 @@ __all__ = [
     "ImageProjModel", "MLPProjModel", "Resampler", "FacePerceiverResampler", "PerceiverAttention",
     "FaceIDProjModel", "ProjPlusModel", "IPAttentionLayers", "IPKeyValue", "FaceIDLoRA",
     "PhotoMakerIDEncoder", "PhotoMakerIDEncoderV2", "file_key", "check_state_dict", "load_state_dict_strict",
+    "IdentityNet", "load_identitynet",
 ]
 
 _RESAMPLER_KEYS = ("dim", "depth", "dim_head", "heads", "num_queries", "embedding_dim", "output_dim", "ff_mult")

@@ -57,7 +57,8 @@ def got(expected: str, value) -> Invalid:
 
 
 def fmt_number(x: float) -> str:
-    return repr(round(float(x), 6))
+    # repr is the shortest text that reads back as the same float: infotext keeps numbers exactly
+    return repr(float(x))
 
 
 def plain_number(x: float) -> str:

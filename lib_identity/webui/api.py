@@ -1,4 +1,5 @@
-"""HTTP routes: /identity/v1/version, /identity/v1/models, /identity/v1/inspect, /identity/v1/faces.
+"""HTTP routes: /identity/v1/version, /identity/v1/models, /identity/v1/inspect, /identity/v1/faces,
+and the gate that answers bad Identity units in txt2img/img2img with 422 (``api_gate``).
 
 Registered from ``on_app_started``. FastAPI routes added that way are not covered by the WebUI's
 ``--api-auth`` on their own, so the same HTTP Basic check is attached here.
@@ -116,11 +117,29 @@ def faces(request: dict):
     return answer
 
 
+def check_api_units(args: list, checkpoint_overridden: bool = False) -> None:
+    """Raise the ``IdentityError`` a txt2img/img2img request's Identity units would stop the run with.
+
+    The same parsing and checks as the run (``runtime.process``), short of what needs the
+    generation itself. When the request switches the checkpoint (``override_settings``), the
+    loaded one's base says nothing about the run, so the base check is left to the run.
+    """
+    from .. import units as U
+    from . import lookup, settings
+
+    units = U.parse_script_args(args, unit_count=settings.unit_count())
+    if any(u.enabled for u in units):
+        lookup.resolve_units(units, None if checkpoint_overridden else lookup.loaded_base())
+
+
 def register(_demo, app):
-    """``on_app_started`` callback."""
+    """``on_app_started`` callback: the routes, and the 422 gate on txt2img/img2img."""
     from fastapi import Body
 
+    from . import api_gate
+
     deps = _dependencies()
+    api_gate.install(app, check_api_units, credentials=_credentials)
 
     def inspect_route(request: dict = Body(...)):
         return inspect(request)

@@ -31,6 +31,28 @@ def model_folders() -> List[str]:
     return discovery.model_folders(paths.models_path, extra)
 
 
+def webui_root() -> str:
+    """The WebUI's own folder as users name paths from it (the data folder under ``--data-dir``)."""
+    from modules import paths
+
+    return getattr(paths, "data_path", None) or os.path.dirname(paths.models_path)
+
+
+def shown(path: str) -> str:
+    """A folder as the user knows it: ``models/ipadapter`` inside the WebUI's folder, else the full path."""
+    root = os.path.abspath(webui_root())
+    full = os.path.abspath(path)
+    if full == root or not full.startswith(root + os.sep):
+        return path
+    return os.path.relpath(full, root).replace(os.sep, "/")
+
+
+def shorten(text: str) -> str:
+    """``text`` with every path inside the WebUI's folder written relative to it (for status lines)."""
+    root = os.path.abspath(webui_root())
+    return text.replace(root + os.sep, "") if root else text
+
+
 def list_models(refresh: bool = False):
     return discovery.list_models(model_folders(), refresh=refresh)
 

@@ -12,12 +12,7 @@ from . import folders, settings
 
 def loaded_base() -> Optional[str]:
     """'sd15' / 'sdxl' for the loaded checkpoint, None when none is loaded or it is neither."""
-    try:
-        from modules import shared
-
-        model = shared.sd_model
-    except Exception:  # noqa: BLE001
-        return None
+    model = _loaded_model()
     if model is None:
         return None
     if getattr(model, "is_sdxl", False):
@@ -25,6 +20,35 @@ def loaded_base() -> Optional[str]:
     if getattr(model, "is_sd1", False):
         return "sd15"
     return None
+
+
+def _loaded_model():
+    """The loaded checkpoint, or None; never loads one (``shared.sd_model`` would, when none has
+    been loaded yet, and the API gate asks from outside the queue lock)."""
+    try:
+        from modules import sd_models
+
+        return sd_models.model_data.sd_model
+    except Exception:  # noqa: BLE001 - an older WebUI, or the stand-in of the tests
+        pass
+    try:
+        from modules import shared
+
+        return shared.sd_model
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def resolve_units(units, base: Optional[str]) -> list:
+    """``units.validate_for_run`` against the configured model folders: the one check of enabled
+    units that a run (``runtime.process``) and the API gate (``api_gate``) both make."""
+    return U.validate_for_run(
+        units,
+        base=base,
+        find_model=folders.find_model,
+        find_encoder=find_encoder_for_run,
+        model_names=lambda: [e.name for e in folders.list_models() if e.usable],
+    )
 
 
 def model_choices(refresh: bool = False) -> List[str]:
@@ -49,7 +73,31 @@ def find_encoder_for_run(need: str):
         return find_encoder(need, folders.model_folders())
     if need.startswith("insightface:"):
         return folders.find_face_pack(face_pack_name(need.split(":", 1)[1]))
+    if need == "instantid-identitynet":
+        return find_identitynet(folders.list_models())
     raise IdentityError(U.ENCODER_HELP.get(need, "not supported in this version"))
+
+
+def find_identitynet(entries) -> str:
+    """The IdentityNet among the discovered models (a diffusers folder or one .safetensors, any name).
+
+    IdentityNet has the common SDXL ControlNet architecture, so its weights do not tell it from
+    other SDXL ControlNets: a file whose path names InstantID or IdentityNet comes first; without
+    one, the only SDXL ControlNet found is used; several unnamed ones are not guessed between.
+    """
+    found = [e for e in entries if e.info is not None and e.info.family == "instantid-identitynet"]
+    if not found:
+        raise IdentityError(U.ENCODER_HELP["instantid-identitynet"] + " (a folder with config.json and "
+                            "diffusion_pytorch_model.safetensors, or one .safetensors file, also in models/instantid)")
+    named = [e for e in found if any(w in e.path.lower().replace("_", "").replace("-", "")
+                                     for w in ("instantid", "identitynet"))]
+    if named:
+        return named[0].path
+    if len(found) == 1:
+        return found[0].path
+    listed = ", ".join(e.name for e in found[:6])
+    raise IdentityError(f"several SDXL ControlNets were found ({listed}) and none is named as InstantID's IdentityNet; "
+                        "put 'instantid' in the IdentityNet's file or folder name, or move it to models/instantid")
 
 
 def face_pack_name(official: str) -> str:

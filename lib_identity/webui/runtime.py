@@ -18,7 +18,7 @@ from .. import units as U
 from ..errors import IdentityError
 from ..unet import PatchSession, remove_sessions
 from ..units import write_infotext
-from . import folders, lookup, settings
+from . import lookup, settings
 
 log = logging.getLogger("sd-webui-identity")
 
@@ -95,16 +95,6 @@ def units_for(p, args) -> List[U.Unit]:
     return units
 
 
-def _validate(units: List[U.Unit]) -> List[U.ResolvedUnit]:
-    return U.validate_for_run(
-        units,
-        base=lookup.loaded_base(),
-        find_model=folders.find_model,
-        find_encoder=lookup.find_encoder_for_run,
-        model_names=lambda: [e.name for e in folders.list_models() if e.usable],
-    )
-
-
 def before_process(p, args):
     """``Script.before_process``: units that run through the ControlNet extension get its units
     now, before the extension reads them in its own ``process`` (``controlnet_bridge``)."""
@@ -115,7 +105,7 @@ def before_process(p, args):
     try:
         units = units_for(p, args)
         if any(u.enabled and controlnet_bridge.runs_through_controlnet(u) for u in units):
-            controlnet_bridge.apply(p, _validate(units))
+            controlnet_bridge.apply(p, lookup.resolve_units(units, lookup.loaded_base()))
     except IdentityError as e:
         state.pending = e  # process() starts by cleaning up: it raises this afterwards
 
@@ -138,9 +128,10 @@ def process(p, args):
         if not any(u.enabled for u in units):
             write_infotext(p.extra_generation_params, [])
             return
-        resolved = _validate(units)
+        resolved = lookup.resolve_units(units, lookup.loaded_base())
         titles = {r.number: r.unit.model for r in resolved}
-        write_infotext(p.extra_generation_params, units, model_titles=titles)
+        methods = {r.number: U.METHOD_OF_FAMILY.get(r.model.info.family) for r in resolved}
+        write_infotext(p.extra_generation_params, units, model_titles=titles, methods=methods)
         state.resolved = resolved
         _remove_when_sampling_ends(p)
     except IdentityError as e:
@@ -186,16 +177,17 @@ def before_sampling(p):
         default_cache().resize(max(0, int(settings.option("identity_cache_size"))))
         default_face_cache().resize(max(0, int(settings.option("identity_cache_size"))))
         unet = p.sd_model.model.diffusion_model
-        parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet)
-        session = PatchSession(unet, parts.prompts, owner=OWNER, loras=parts.loras).install()
+        parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet, unet=unet)
+        session = PatchSession(unet, parts.prompts, owner=OWNER, loras=parts.loras, controls=parts.controls).install()
         state.session = session
 
         def on_cfg_denoiser(params):
             denoiser = params.denoiser
-            progress = None
+            progress = total = None
             if denoiser is not None and getattr(denoiser, "total_steps", None):
-                progress = denoiser.step / denoiser.total_steps
-            session.begin_step(_cond_rows(params.text_cond), progress, n_rows=int(params.x.shape[0]))
+                total = int(denoiser.total_steps)
+                progress = denoiser.step / total
+            session.begin_step(_cond_rows(params.text_cond), progress, n_rows=int(params.x.shape[0]), total_steps=total)
 
         if state.cfg_callback is not None:
             script_callbacks.remove_callbacks_for_function(state.cfg_callback)

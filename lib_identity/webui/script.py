@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from . import runtime
-
-TITLE = "Identity"  # the API key of alwayson_scripts; never change it
+from . import TITLE, runtime
 
 
 class IdentityScript:

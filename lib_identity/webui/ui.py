@@ -17,29 +17,63 @@ from . import folders, lookup, settings
 FACE_CHOICES = ("largest",) + tuple(str(i) for i in range(8))
 
 
+# the file to start with, by the loaded checkpoint's base: the most useful next step when there is none
+FIRST_MODEL = {"sd15": "ip-adapter_sd15.safetensors", "sdxl": "ip-adapter_sdxl_vit-h.safetensors"}
+
+
+def _attr(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def _searched() -> str:
+    """The searched folders as users name them, the full paths in a tooltip."""
+    import html
+
+    full = folders.model_folders()
+    short = ", ".join(folders.shown(f) for f in full)
+    return f'<span title="{_attr(chr(10).join(full))}">searched: {html.escape(short)}</span>'
+
+
 def model_status(model_title: str) -> str:
-    """One line: what the chosen model is and whether what it needs is there."""
+    """One line: the next step first, then what the chosen model is and whether what it needs is there.
+
+    Folders are named from the WebUI's folder (``models/ipadapter``); the full paths are in the
+    tooltip and ``GET /identity/v1/models``.
+    """
     if not model_title or model_title == "None":
-        return "Choose a model. Models are found in " + ", ".join(folders.model_folders()[:4]) + " …"
+        base = lookup.loaded_base()
+        if not any(e.usable for e in folders.list_models()):
+            first = FIRST_MODEL.get(base, FIRST_MODEL["sd15"])
+            return f"No model yet: put **{first}** (or any other identity model) in models/ipadapter, then press 🔄 · " + _searched()
+        return "Choose a model (🔄 after adding files) · " + _searched()
     try:
         entry = folders.find_model(model_title)
     except Exception as e:  # noqa: BLE001 - the status line explains, never raises
-        return f"⚠ {e}"
+        return folders.shorten(f"⚠ {e}")
     if entry.info is None:
-        return f"⚠ {entry.name}: {entry.error}"
+        return folders.shorten(f"⚠ {entry.name}: {entry.error}")
     info = entry.info
-    parts = [f"**{info.variant}** ({U.BASE_NAMES.get(info.base, info.base)}, {info.tokens} tokens)"]
+    summary = f"**{info.variant}** ({U.BASE_NAMES.get(info.base, info.base)}" + (f", {info.tokens} tokens)" if info.tokens else ")")
+    first, parts = [], [summary]
     base = lookup.loaded_base()
     if base and info.base != base:
-        parts.append(f"⚠ made for {U.BASE_NAMES.get(info.base)}, the loaded checkpoint is {U.BASE_NAMES.get(base)}")
+        first.append(f"⚠ made for {U.BASE_NAMES.get(info.base)}, the loaded checkpoint is {U.BASE_NAMES.get(base)}: "
+                     f"load an {U.BASE_NAMES.get(info.base)} checkpoint or choose another model")
     for need in U.required_encoders(info):
         found, where = lookup.find_encoder_status(need)
         name = U.describe_need(need)
-        parts.append(f"needs {name}: found" if found else f"needs {name}: **missing** — {where}")
+        if found:
+            parts.append(f"needs {name}: found")
+        else:
+            # the short next step in the line, the whole message (what was searched, where to get it) on hover
+            step = U.ENCODER_HELP.get(need, f"needs {name}")
+            first.append(f'⚠ <span title="{_attr(folders.shorten(where))}">{step}, then press 🔄</span>')
     parts += [f"note: {h}" for h in info.hints]
     if info.family == "instantid-adapter":
         parts.append(_controlnet_names(entry.path))
-    return " · ".join(p for p in parts if p)
+    return folders.shorten(" · ".join(p for p in first + parts if p))
 
 
 def _controlnet_names(adapter_path: str) -> str:
@@ -241,7 +275,7 @@ def face_picker(files, model_title):
     need = next(n for n in U.required_encoders(info) if n.startswith("insightface:"))
     found, pack = lookup.find_encoder_status(need)
     if not found:
-        return [], f"⚠ {pack}"
+        return [], folders.shorten(f"⚠ {pack}")
     from ..encoders import faces as face_analysis
 
     open_upload = lookup.upload_opener()

@@ -6,6 +6,8 @@
 * ``pick_face(faces, choice, unit_number=, image_label=)`` - ``largest``, an index or a box.
 * ``aligned_face(image, face, size)`` - insightface's ``norm_crop`` (112 ArcFace, 224 FaceID-Plus).
 * ``draw_faces(image, faces)`` - numbered boxes for the face picker, the API and the CLI.
+* ``draw_keypoints(kps, width, height)`` - InstantID's keypoint image (official draw_kps), and
+  ``keypoints_in_frame(kps, source_size, target_size)`` - keypoints moved into a generation's frame.
 
 insightface, onnx and onnxruntime are imported only when faces are analysed or cropped.
 """
@@ -23,6 +25,7 @@ from .analysis import (
     pack_models,
     release_faces,
 )
+from .keypoints import draw_keypoints, keypoints_in_frame
 from .packs import DEFAULT_PACK, KNOWN_PACK_FILES, FacePack, FacePackNotFound, find_pack, open_pack, search_folders
 from .picking import FACE_CHOICES_HELP, OFFICIAL_FACEID_PLUS_CHANNELS, aligned_face, draw_faces, pick_face
 
@@ -44,7 +47,9 @@ __all__ = [
     "choose_providers",
     "default_face_cache",
     "draw_faces",
+    "draw_keypoints",
     "find_pack",
+    "keypoints_in_frame",
     "open_pack",
     "pack_models",
     "pick_face",
