@@ -35,6 +35,7 @@ class _State:
         self.gate = None  # hook handle on sd_model.model that raises the pending error
         self.error: Optional[BaseException] = None
         self.cfg_callback = None
+        self.pending: Optional[BaseException] = None  # found in before_process; raised from process
 
 
 state = _State()
@@ -94,10 +95,35 @@ def units_for(p, args) -> List[U.Unit]:
     return units
 
 
+def before_process(p, args):
+    """``Script.before_process``: units that run through the ControlNet extension get its units
+    now, before the extension reads them in its own ``process`` (``controlnet_bridge``)."""
+    from . import controlnet_bridge
+
+    controlnet_bridge.restore()  # slots of a generation that never reached postprocess
+    state.pending = None
+    try:
+        units = units_for(p, args)
+        if any(u.enabled and controlnet_bridge.runs_through_controlnet(u) for u in units):
+            controlnet_bridge.apply(p, lookup.resolve_units(units, lookup.loaded_base()))
+    except IdentityError as e:
+        state.pending = e  # process() starts by cleaning up: it raises this afterwards
+
+
+def before_batch(p):
+    """``Script.before_process_batch``: the extension has written its infotext by now."""
+    from . import controlnet_bridge
+
+    controlnet_bridge.forget_infotext(p)
+
+
 def process(p, args):
     """``Script.process``: parse, check, write infotext. Nothing heavy happens before sampling."""
     cleanup()
     try:
+        if state.pending is not None:
+            pending, state.pending = state.pending, None
+            raise pending
         units = units_for(p, args)
         if not any(u.enabled for u in units):
             write_infotext(p.extra_generation_params, [])
@@ -189,5 +215,8 @@ def end_pass(p):
 
 
 def finish(p):
-    """``Script.postprocess``."""
+    """``Script.postprocess``: also gives the ControlNet slots back."""
+    from . import controlnet_bridge
+
     cleanup()
+    controlnet_bridge.restore(p)
