@@ -114,6 +114,21 @@ def test_an_instantid_unit_acts_is_recorded_and_leaves_the_unet_as_it_was(webui,
         assert torch.equal(webui.unet(*first[:2], context=first[2]), bare[0])
 
 
+def test_the_identitynet_cache_setting_bounds_what_stays_loaded(webui, group_photo_b64):
+    import sys
+
+    first = unet_inputs(2, CONTEXT[SDXL], hw=(8, 8))
+    unit = {"model": webui.adapter, "images": [group_photo_b64]}
+    sys.modules["modules.shared"].opts.data["identity_identitynet_cache"] = 0
+    a, _ = generate(webui, [unit], [first])
+    b, _ = generate(webui, [unit], [first])
+    assert len(webui.loads) == 2 and torch.equal(a[0], b[0])  # 0: read for every generation, same image
+    sys.modules["modules.shared"].opts.data["identity_identitynet_cache"] = 1
+    generate(webui, [unit], [first])
+    generate(webui, [unit], [first])
+    assert len(webui.loads) == 3  # 1 (the default): kept from then on
+
+
 def test_a_unit_for_the_controlnet_extension_is_left_to_it(webui, group_photo_b64):
     x, t, c = unet_inputs(2, CONTEXT[SDXL])
     with torch.no_grad():

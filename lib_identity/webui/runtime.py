@@ -117,6 +117,12 @@ def before_batch(p):
     controlnet_bridge.forget_infotext(p)
 
 
+def _identitynets():
+    from ..methods.identitynet_cache import identitynets
+
+    return identitynets
+
+
 def process(p, args):
     """``Script.process``: parse, check, write infotext. Nothing heavy happens before sampling."""
     cleanup()
@@ -176,6 +182,7 @@ def before_sampling(p):
         set_offload_policy(settings.option("identity_encoder_offload"))
         default_cache().resize(max(0, int(settings.option("identity_cache_size"))))
         default_face_cache().resize(max(0, int(settings.option("identity_cache_size"))))
+        _identitynets().resize(int(settings.option("identity_identitynet_cache")))
         unet = p.sd_model.model.diffusion_model
         parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet, unet=unet)
         session = PatchSession(unet, parts.prompts, owner=OWNER, loras=parts.loras, controls=parts.controls).install()

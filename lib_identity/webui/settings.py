@@ -9,6 +9,7 @@ DEFAULTS = {
     "identity_extra_model_dirs": "",
     "identity_encoder_offload": "move to CPU after use",
     "identity_cache_size": 64,
+    "identity_identitynet_cache": 1,
     # the insightface pack each official choice stands for (buffalo_l: FaceID, PhotoMaker V2; antelopev2: InstantID)
     "identity_face_pack_buffalo_l": "buffalo_l",
     "identity_face_pack_antelopev2": "antelopev2",
@@ -73,6 +74,12 @@ def register():
         "Cached reference encodings and face analyses (0 disables the caches)",
         gr.Slider,
         {"minimum": 0, "maximum": 1024, "step": 1},
+    )
+    add(
+        "identity_identitynet_cache",
+        "IdentityNets kept loaded between generations (2.5 GB each in fp16; 0 loads it for every generation)",
+        gr.Slider,
+        {"minimum": 0, "maximum": 4, "step": 1},
     )
     add(
         "identity_face_pack_buffalo_l",
