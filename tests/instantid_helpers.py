@@ -36,18 +36,25 @@ def write_instantid_adapter(folder, unet, seed: int, name: str = "ip-adapter", s
     for layer in layers:
         for n in ("to_k_ip", "to_v_ip"):
             shapes[f"ip_adapter.{layer.file_key}.{n}.weight"] = (layer.hidden_size, C)
+    path = folder / f"{name}-{seed}{suffix}"
+    write_random(instantid_adapter_tensors(shapes, seed), path)
+    return path
+
+
+def instantid_adapter_tensors(shapes: dict, seed: int) -> dict:
+    """Random fp32 tensors for an InstantID adapter layout (``key -> shape``) whose tokens stay O(1):
+    norms near 1, matrices scaled by 1/sqrt(fan in), ``proj_in`` smaller for the ~20-long raw embedding."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for key, shape in shapes.items():
+        shape = tuple(shape)
         if len(shape) == 1:
             tensors[key] = (1.0 if key.endswith("weight") else 0.0) + 0.1 * torch.randn(shape, generator=g)
         else:
             # the raw ArcFace embedding is ~20 long: keep proj_in's output O(1)
             scale = 0.05 if key.endswith("proj_in.weight") else 1.0
             tensors[key] = torch.randn(shape, generator=g) * scale / shape[-1] ** 0.5
-    path = folder / f"{name}-{seed}{suffix}"
-    write_random(tensors, path)
-    return path
+    return tensors
 
 
 class StandInIdentityNet(torch.nn.Module):

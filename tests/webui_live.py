@@ -146,7 +146,8 @@ class WebUIServer:
     """One WebUI process: start(), then get/post/txt2img against base_url, then stop()."""
 
     def __init__(self, root, python=None, models_dir=None, extra_args=(), checkpoint=None,
-                 hf_home=None, extra_extensions=(), startup_timeout=600.0, request_timeout=600.0):
+                 hf_home=None, extra_extensions=(), startup_timeout=600.0, request_timeout=600.0,
+                 live_models=True):
         self.root = Path(root).resolve()
         self.python = str(python or self.root / "venv" / "bin" / "python")
         self.models_dir = Path(models_dir).resolve() if models_dir else self.root / "models"
@@ -163,6 +164,7 @@ class WebUIServer:
         self.log_path = None
         self.identity_models = None
         self.auth = None  # (user, password): started with --api-auth, requests send them
+        self.live_models = live_models  # False: an empty --identity-models-dir (the test writes its own files)
 
     @classmethod
     def from_env(cls) -> "WebUIServer":
@@ -206,7 +208,10 @@ class WebUIServer:
         if self.checkpoint:
             settings["sd_model_checkpoint"] = self.checkpoint
         (data / "config.json").write_text(json.dumps(settings))
-        write_live_models(data / "identity-models")
+        if self.live_models:
+            write_live_models(data / "identity-models")
+        else:
+            (data / "identity-models").mkdir()
         self.identity_models = data / "identity-models"
         return data
 
