@@ -13,7 +13,6 @@ import pytest
 
 pytest.importorskip("insightface")
 pytest.importorskip("onnxruntime")
-import cv2  # noqa: E402
 from PIL import Image, ImageDraw, ImageOps  # noqa: E402
 
 import face_models as fm  # noqa: E402
@@ -34,19 +33,10 @@ def pack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def output(t1):
-    """A stand-in for a generated image: the group photo with coarse noise (blocks larger than the
-    test recognizer's pooling), so no face is an exact copy."""
-    rng = np.random.default_rng(5)
-    blocks = rng.normal(0, 40, (t1.height // 16 + 1, t1.width // 16 + 1, 3)).repeat(16, 0).repeat(16, 1)
-    noisy = np.asarray(t1, dtype=np.float32) + blocks[:t1.height, :t1.width]
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    return fm.coarse_noise(t1)
 
 
-def direct_embedding(image, target):
-    """The test recognizer on the face placed at ``target``, without insightface (unit length)."""
-    crop = cv2.warpAffine(np.asarray(image), target.picture_to_crop(112), (112, 112), borderValue=0)
-    e = fm.reference_embedding(crop).astype(np.float64)
-    return e / np.linalg.norm(e)
+direct_embedding = fm.placed_embedding
 
 
 def direct_likeness(output, reference, targets=fm.T1_FACES):

@@ -18,7 +18,7 @@ from .. import units as U
 from ..errors import IdentityError
 from ..unet import PatchSession, remove_sessions
 from ..units import write_infotext
-from . import lookup, settings
+from . import likeness, lookup, settings
 
 log = logging.getLogger("sd-webui-identity")
 
@@ -71,6 +71,7 @@ def cleanup():
             state.gate = None
         state.error = None
         state.resolved = []
+    likeness.stop()
 
 
 def _fail(p, error: BaseException):
@@ -97,6 +98,7 @@ def units_for(p, args) -> List[U.Unit]:
 def process(p, args):
     """``Script.process``: parse, check, write infotext. Nothing heavy happens before sampling."""
     cleanup()
+    likeness.stop(p)
     try:
         units = units_for(p, args)
         if not any(u.enabled for u in units):
@@ -110,6 +112,13 @@ def process(p, args):
     except IdentityError as e:
         write_infotext(p.extra_generation_params, [])
         _fail(p, e)
+        return
+    likeness.start(p, resolved)
+
+
+def measure_likeness(p, image):
+    """``Script.postprocess_image_after_composite``: the likeness of a finished image (``likeness``)."""
+    likeness.measure_image(p, image)
 
 
 def _remove_when_sampling_ends(p):
