@@ -126,13 +126,16 @@ def test_each_image_says_its_likeness_in_infotext_and_one_analysis_each(webui, t
     unit = {"model": webui.adapter, "images": [b64(t1)], "face": 2}
     generate(webui, [unit], [])  # the unit's pictures are analysed (and cached) as in every run
     runs = analysis_count()
-    texts, grid = generate(webui, [unit], [output, FLAT, output], sample=False)
+    p = new_p(webui.model, None)
+    texts, grid = generate(webui, [unit], [output, FLAT, output], p=p, sample=False)
     assert analysis_count() - runs == 3  # one analysis per output image, none for the cached reference
     value = expected(output, BY_SIZE[2])
     assert texts[0]["Identity 1 likeness"] == f"{value:.2f}" == texts[2]["Identity 1 likeness"]
     assert 0.5 < value < 0.98
     assert texts[1]["Identity 1 likeness"] == "no face"
     assert "Identity 1 likeness" not in grid  # a batch's grid stands for several images
+    # after the run, the parameters the API sends as JSON hold the first image's number, not a function
+    assert json.loads(json.dumps(p.extra_generation_params, default=lambda o: None))["Identity 1 likeness"] == texts[0]["Identity 1 likeness"]
 
     # another face of the same pictures is another reference, another number
     texts, _ = generate(webui, [dict(unit, face="largest")], [output], sample=False)
@@ -211,8 +214,8 @@ def test_an_xyz_plot_prints_the_table_and_the_grid_infotext_carries_it(webui, t1
         p.extra_generation_params = shared  # X/Y/Z's copy(p) shares it between cells
         weight_axis.apply(p, x, None)
         texts, _ = generate(webui, [unit], outputs[x], p=p, sample=False)
-        if grid_infotext[0] is None:
-            grid_infotext[0] = ", ".join(f"{k}: {v}" for k, v in texts[0].items())
+        if grid_infotext[0] is None:  # made from the cell's parameters after its run, as the script does
+            grid_infotext[0] = ", ".join(f"{k}: {v}" for k, v in infotext_params(p, 0).items())
         return texts
 
     module.draw_xyz_grid(SimpleNamespace(), xs=[0.5, 1.0], ys=[0], zs=[0], x_labels=["weight: 0.5", "weight: 1"],

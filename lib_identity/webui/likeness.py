@@ -10,6 +10,9 @@
   under the WebUI's (batch, position in batch) of that image. The WebUI writes the image's
   infotext right after this hook, so its PNG info, the gallery's info text and the API's
   ``info`` (``infotexts``) carry the number.
+* ``settle(p)`` (``Script.postprocess``): the function becomes the first image's text, for what
+  the WebUI makes from the parameters after the run (the API's ``extra_generation_params``, the
+  X/Y/Z grid's infotext).
 
 The entry is never read back into a unit: ``units.infotext`` reads only ``Identity N``.
 Measuring must not cost the user an image: a failure says so once in the console and the run goes on
@@ -96,6 +99,11 @@ def _infotext_value(run: L.LikenessRun, number: int):
         m = run.value(number, (getattr(p, "iteration", 0), index))
         return None if m is None else m.text
 
+    def first():
+        m = run.value(number, run.order[0]) if run.order else None
+        return None if m is None else m.text
+
+    likeness.first = first
     return likeness
 
 
@@ -113,6 +121,26 @@ def measure_image(p, image) -> Dict[int, L.Measurement]:
         with state.lock:
             state.current = None
         return {}
+
+
+def settle(p) -> None:
+    """``Script.postprocess``: the images are made; each entry's function becomes the first image's text.
+
+    The WebUI hands ``extra_generation_params`` to the API as JSON (``info``), where a function
+    would be ``null``; later infotexts of this run (the X/Y/Z grid's, made from its first cell)
+    stand for the first image. Each image's own number stays in its own infotext.
+    """
+    params = getattr(p, "extra_generation_params", None)
+    if not params:
+        return
+    for key in [k for k in params if isinstance(k, str) and _KEY.match(k)]:
+        value = params[key]
+        if callable(value):
+            first = getattr(value, "first", lambda: None)()
+            if first is None:
+                del params[key]
+            else:
+                params[key] = first
 
 
 def forget_latest() -> None:

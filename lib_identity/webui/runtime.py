@@ -197,4 +197,5 @@ def end_pass(p):
 
 def finish(p):
     """``Script.postprocess``."""
+    likeness.settle(p)
     cleanup()
