@@ -143,3 +143,22 @@ def test_each_image_of_the_api_answer_carries_its_likeness(live, group_photo):
     off = live.txt2img(with_units({"model": FACEID, "images": [group_photo], "face": 2},
                                   override_settings={"identity_likeness": False}))
     assert "likeness" not in json.loads(off["info"])["infotexts"][0]
+
+
+def test_an_xyz_plot_through_the_api_carries_the_likeness_table(live, group_photo):
+    """The real X/Y/Z script (CFG Scale 4 and 6): the grid's infotext ends with the table, whose cells
+    are the numbers of the cells' own infotexts."""
+    payload = with_units({"model": FACEID, "images": [group_photo], "face": 2}, script_name="x/y/z plot",
+                         # X: CFG Scale (index 6 of txt2img's axes in WebUI 1.10), no Y, no Z, legend on
+                         script_args=[6, "4,6", [], 0, "", [], 0, "", [], True, False, False, False, False, False,
+                                      False, 0, False])
+    info = json.loads(live.txt2img(payload)["info"])
+    grid, cells = info["infotexts"][0], info["infotexts"][1:]
+    assert len(cells) == 2, info["infotexts"]
+    written = [re.search(r"Identity 1 likeness: (no face|-?\d\.\d\d)", c).group(1) for c in cells]
+    head, sep, quoted = grid.partition(", Identity likeness table: ")
+    assert sep, grid
+    table = json.loads(quoted).splitlines()
+    assert table[1] == "unit 1:"
+    rows = [[c.strip() for c in line.split("|")] for line in table[2:]]
+    assert rows == [["CFG Scale: 4.0", "CFG Scale: 6.0"], written], table
