@@ -209,6 +209,27 @@ def reference_embedding(crop_rgb: np.ndarray, seed: int = 0) -> np.ndarray:
     return pooled.transpose(2, 0, 1).reshape(-1) @ recognizer_weights(seed)
 
 
+def placed_embedding(image, face: TargetFace, seed: int = 0) -> np.ndarray:
+    """The unit-length embedding of the face placed at ``face`` in ``image`` (PIL or RGB array), computed
+    without insightface: the crop warped with the placement's own inverse, then ``reference_embedding``."""
+    import cv2
+
+    crop = cv2.warpAffine(np.asarray(image), face.picture_to_crop(112), (112, 112), borderValue=0)
+    e = reference_embedding(crop, seed).astype(np.float64)
+    return e / np.linalg.norm(e)
+
+
+def coarse_noise(image, seed: int = 5, sigma: float = 40.0):
+    """A stand-in for a generated image: ``image`` with blocky noise (16-pixel blocks, coarser than the
+    test recognizer's pooling, so the faces' embeddings change), as PIL."""
+    from PIL import Image
+
+    rgb = np.asarray(image, dtype=np.float32)
+    h, w = rgb.shape[:2]
+    blocks = np.random.default_rng(seed).normal(0, sigma, (h // 16 + 1, w // 16 + 1, 3)).repeat(16, 0).repeat(16, 1)
+    return Image.fromarray(np.clip(rgb + blocks[:h, :w], 0, 255).astype(np.uint8))
+
+
 def write_pack(folder: str, faces: Sequence[TargetFace], long_side: float, *, max_face_px: float = 400.0,
                det_name: str = "det_10g.onnx", rec_name: str = "w600k_r50.onnx", seed: int = 0) -> str:
     """A pack folder as insightface lays one out (detector and recognizer ``.onnx`` side by side)."""

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -115,3 +116,53 @@ def test_the_face_pack_setting_chooses_the_pack_also_without_the_ui(live, group_
     # the next request without the override finds the pack again
     assert live.get("/sdapi/v1/options").get("identity_face_pack_buffalo_l", LIVE_FACE_PACK) == LIVE_FACE_PACK
     live.txt2img(with_units({"model": FACEID, "images": [group_photo]}))
+
+
+
+def test_each_image_of_the_api_answer_carries_its_likeness(live, group_photo):
+    """The API's ``info`` has each image's ``Identity 1 likeness``, the number this checkout computes
+    on the returned pixels with the same pack; the setting turns it off."""
+    import face_models as fm
+
+    from lib_identity import likeness
+
+    result = live.txt2img(with_units({"model": FACEID, "images": [group_photo], "face": 2}, batch_size=2))
+    info = json.loads(result["info"])
+    images = decode_images(result)
+    pack = str(live.identity_models / LIVE_FACE_PACK)
+    reference = likeness.reference_embedding([Image.open(fm.insightface_image("t1.jpg")).convert("RGB")], pack, 2)
+    values = []
+    for image, text in zip(images, info["infotexts"]):
+        expected = likeness.measure(image.convert("RGB"), reference, pack)
+        written = re.search(r"Identity 1 likeness: (no face|-?\d\.\d\d)(,|$)", text)
+        assert written, text
+        if expected.value is None:
+            assert written.group(1) == "no face"
+        else:  # two decimals; another onnxruntime may differ in the last bits
+            assert abs(float(written.group(1)) - expected.value) <= 0.006, (expected, text)
+        values.append(written.group(1))
+    assert len(values) == 2
+    assert info["extra_generation_params"]["Identity 1 likeness"] == values[0]
+
+    off = live.txt2img(with_units({"model": FACEID, "images": [group_photo], "face": 2},
+                                  override_settings={"identity_likeness": False}))
+    assert "likeness" not in json.loads(off["info"])["infotexts"][0]
+
+
+def test_an_xyz_plot_through_the_api_carries_the_likeness_table(live, group_photo):
+    """The real X/Y/Z script (CFG Scale 4 and 6): the grid's infotext ends with the table, whose cells
+    are the numbers of the cells' own infotexts."""
+    payload = with_units({"model": FACEID, "images": [group_photo], "face": 2}, script_name="x/y/z plot",
+                         # X: CFG Scale (index 6 of txt2img's axes in WebUI 1.10), no Y, no Z, legend on
+                         script_args=[6, "4,6", [], 0, "", [], 0, "", [], True, False, False, False, False, False,
+                                      False, 0, False])
+    info = json.loads(live.txt2img(payload)["info"])
+    grid, cells = info["infotexts"][0], info["infotexts"][1:]
+    assert len(cells) == 2, info["infotexts"]
+    written = [re.search(r"Identity 1 likeness: (no face|-?\d\.\d\d)", c).group(1) for c in cells]
+    head, sep, quoted = grid.partition(", Identity likeness table: ")
+    assert sep, grid
+    table = json.loads(quoted).splitlines()
+    assert table[1] == "unit 1:"
+    rows = [[c.strip() for c in line.split("|")] for line in table[2:]]
+    assert rows == [["CFG Scale: 4.0", "CFG Scale: 6.0"], written], table

@@ -18,7 +18,7 @@ from .. import units as U
 from ..errors import IdentityError
 from ..unet import PatchSession, remove_sessions
 from ..units import write_infotext
-from . import lookup, settings
+from . import likeness, lookup, settings
 
 log = logging.getLogger("sd-webui-identity")
 
@@ -72,6 +72,7 @@ def cleanup():
             state.gate = None
         state.error = None
         state.resolved = []
+    likeness.stop()
 
 
 def _fail(p, error: BaseException):
@@ -126,6 +127,7 @@ def _identitynets():
 def process(p, args):
     """``Script.process``: parse, check, write infotext. Nothing heavy happens before sampling."""
     cleanup()
+    likeness.stop(p)
     try:
         if state.pending is not None:
             pending, state.pending = state.pending, None
@@ -143,6 +145,13 @@ def process(p, args):
     except IdentityError as e:
         write_infotext(p.extra_generation_params, [])
         _fail(p, e)
+        return
+    likeness.start(p, resolved)
+
+
+def measure_likeness(p, image):
+    """``Script.postprocess_image_after_composite``: the likeness of a finished image (``likeness``)."""
+    likeness.measure_image(p, image)
 
 
 def _remove_when_sampling_ends(p):
@@ -222,8 +231,9 @@ def end_pass(p):
 
 
 def finish(p):
-    """``Script.postprocess``: also gives the ControlNet slots back."""
+    """``Script.postprocess``: settles the likeness and gives the ControlNet slots back."""
     from . import controlnet_bridge
 
+    likeness.settle(p)
     cleanup()
     controlnet_bridge.restore(p)

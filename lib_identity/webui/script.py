@@ -36,6 +36,9 @@ class IdentityScript:
     def post_sample(self, p, ps, *args):
         runtime.end_pass(p)
 
+    def postprocess_image_after_composite(self, p, pp, *args):
+        runtime.measure_likeness(p, pp.image)
+
     def postprocess(self, p, processed, *args):
         runtime.finish(p)
 

@@ -13,6 +13,8 @@ DEFAULTS = {
     # the insightface pack each official choice stands for (buffalo_l: FaceID, PhotoMaker V2; antelopev2: InstantID)
     "identity_face_pack_buffalo_l": "buffalo_l",
     "identity_face_pack_antelopev2": "antelopev2",
+    # after each image: ArcFace cosine of its face to each unit's reference face (webui/likeness.py)
+    "identity_likeness": True,
 }
 
 OFFLOAD_CHOICES = ["keep on device", "move to CPU after use", "unload after use"]
@@ -92,4 +94,11 @@ def register():
         "Face models (insightface pack) for InstantID",
         gr.Textbox,
         info="the official choice is antelopev2",
+    )
+    add(
+        "identity_likeness",
+        "Measure likeness: after each image, the ArcFace cosine of its face to each unit's reference face "
+        "(infotext \"Identity 1 likeness\", a table after an X/Y/Z plot)",
+        gr.Checkbox,
+        info="one face analysis per image; needs the unit's face models (IP-Adapter units: buffalo_l)",
     )

@@ -1,4 +1,5 @@
-"""X/Y/Z plot axes: every axis field of every unit ("[Identity] Unit 2 weight").
+"""X/Y/Z plot axes: every axis field of every unit ("[Identity] Unit 2 weight"), and the likeness
+table after a plot (``xyz_likeness``).
 
 A cell's values go to ``p.identity_overrides`` (a new dict per cell: ``copy(p)`` shares
 attributes between cells) and are applied by ``runtime.units_for`` through the Unit parser.
@@ -7,7 +8,7 @@ attributes between cells) and are applied by ``runtime.units_for`` through the U
 from __future__ import annotations
 
 from .. import units as U
-from . import lookup, settings
+from . import lookup, settings, xyz_likeness
 
 LABEL = "[Identity] Unit {number} {field}"
 # numbers (sliders) take the WebUI's range syntax ("0.2-1 (+0.2)"), everything else is text
@@ -54,6 +55,7 @@ def register():
     xyz = _find_xyz_module()
     if xyz is None:
         return
+    xyz_likeness.install(xyz)
     existing = {getattr(o, "label", None) for o in xyz.axis_options}
     for number in range(1, settings.unit_count() + 1):
         for field in U.AXIS_FIELDS:
