@@ -61,7 +61,7 @@ def ui_block(**fields):
         "enabled": False, "model": "None", "images": None, "image_weights": "", "weight": 1.0, "start": 0.0, "end": 1.0,
         "combine": "average", "preparation": "crop", "crop_position": "center", "layer_preset": "standard",
         "layer_weights": "", "mask": None, "uncond": "zero", "negative_image": None, "face": "largest", "s_scale": 1.0,
-        "lora_weight": 1.0,
+        "lora_weight": 1.0, "trigger": "img",
     }
     assert set(ui_defaults) == set(U.UI_FIELDS), "the test's UI layout must follow UI_FIELDS"
     ui_defaults.update(fields)

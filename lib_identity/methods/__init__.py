@@ -1,7 +1,8 @@
 """The methods: a validated unit -> what the UNet patch session installs.
 
-``prepare_units`` sends each unit to its method by the model's family (IP-Adapter, FaceID) and
-gathers the image prompts and LoRAs for one ``PatchSession``.
+``prepare_units`` sends each unit to its method by the model's family (IP-Adapter, FaceID,
+PhotoMaker) and gathers the image prompts and LoRAs for one ``PatchSession``, and PhotoMaker's
+identities for the prompt hook.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ class Contributions:
     """Everything the enabled units put into the UNet for one sampling pass."""
 
     prompts: List = field(default_factory=list)  # unet.ImagePrompt, one per unit
-    loras: List = field(default_factory=list)  # unet.lora.AttentionLoRA, from FaceID files
+    loras: List = field(default_factory=list)  # unet.lora.AttentionLoRA, from FaceID and PhotoMaker files
+    prompt_identities: List = field(default_factory=list)  # conditioning.PromptIdentity, one per PhotoMaker unit
 
 
 def prepare_units(resolved: Sequence, *, device, dtype) -> Contributions:
     """The contributions of validated units (``units.ResolvedUnit``) for a UNet on ``device``/``dtype``."""
-    from . import faceid, ip_adapter
+    from . import faceid, ip_adapter, photomaker
 
     out = Contributions()
     for r in resolved:
@@ -34,14 +36,20 @@ def prepare_units(resolved: Sequence, *, device, dtype) -> Contributions:
             out.prompts.append(c.prompt)
             if c.lora is not None:
                 out.loras.append(c.lora)
+        elif family == photomaker.FAMILY:
+            pm = photomaker.prepare(r, device=device, dtype=dtype)
+            out.prompt_identities.append(pm.identity)
+            if pm.lora is not None:
+                out.loras.append(pm.lora)
         else:
             raise UnitError(r.number, "model", f"model '{r.model.name}' is {family}, which this version cannot run yet; "
-                            "choose an IP-Adapter or IP-Adapter FaceID model (InstantID and PhotoMaker are coming)")
+                            "choose an IP-Adapter, IP-Adapter FaceID or PhotoMaker model (InstantID is coming)")
     return out
 
 
 def release() -> None:
     """Forget loaded adapters (script unload)."""
-    from . import ip_adapter
+    from . import ip_adapter, photomaker
 
     ip_adapter.release()
+    photomaker.release()
