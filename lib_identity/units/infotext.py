@@ -69,11 +69,12 @@ def _text(value) -> str:
 def format_unit(unit: Unit, model_title: Optional[str] = None, method: Optional[str] = None) -> str:
     """The infotext value of one unit (before the WebUI's own quoting): the field table's keys in its
     order, each where its ``record`` rule says so, or always for a ``method`` the field's
-    ``recorded_for`` names (PhotoMaker's trigger and LoRA weight); pictures (as content hashes) last."""
+    ``recorded_for`` names (PhotoMaker's trigger and LoRA weight); pictures (as content hashes)
+    last. Given the unit's ``method``, fields that method does not use are left out."""
     pairs, pictures = [], []
     for spec in FIELDS:
-        if spec.infotext is None:
-            continue
+        if spec.infotext is None or (method is not None and method not in spec.methods):
+            continue  # a field the unit's method does not use says nothing about the image
         if spec.record is not None and not spec.record(unit) and method not in spec.recorded_for:
             continue
         value = getattr(unit, spec.name)
