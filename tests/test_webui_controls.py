@@ -31,3 +31,25 @@ def test_dependent_controls_follow_their_control():
 def test_without_a_model_every_control_shows_that_its_dependencies_allow():
     assert shown(None) == {s.name for s in U.FIELDS if s.methods != U.METHODS or s.visible_if} - {
         s.name for s in U.FIELDS if s.visible_if and U.SPECS[s.visible_if[0]].default != s.visible_if[1]}
+
+
+def test_a_photomaker_model_shows_its_controls_and_hides_the_image_token_knobs():
+    from types import SimpleNamespace
+
+    pm = shown("photomaker")
+    assert {"trigger", "lora_weight", "preparation", "face"} <= pm
+    assert not {"weight", "end", "combine", "layer_preset", "mask", "uncond", "s_scale"} & pm
+    v1 = SimpleNamespace(family="photomaker", face_model=None, lora=True, params={})
+    v2 = SimpleNamespace(family="photomaker", face_model="buffalo_l", lora=True, params={})
+    assert not visible_fields("photomaker", {}, v1)["face"]  # V1 reads whole pictures only
+    assert visible_fields("photomaker", {}, v2)["face"]
+    assert "trigger" not in shown("faceid") and "trigger" not in shown("ip-adapter")
+
+
+def test_picking_a_photomaker_model_moves_start_to_its_default_unless_the_user_set_it(monkeypatch):
+    from lib_identity.webui import ui
+
+    monkeypatch.setattr(ui, "method_of", lambda title: {"pm": "photomaker", "ip": "ip-adapter"}.get(title))
+    assert ui.start_for_model("pm", 0.0) == 0.2
+    assert ui.start_for_model("ip", 0.2) == 0.0  # back to the general default when leaving PhotoMaker
+    assert ui.start_for_model("pm", 0.35) == 0.35 and ui.start_for_model("ip", 0.35) == 0.35
