@@ -133,6 +133,8 @@ def test_pictures_without_a_face_are_skipped_and_named_none_at_all_is_an_error(f
     with pytest.raises(UnitError) as e:
         photomaker.prepare(resolved(files["v2"], [flat, flat], pack), device="cpu", dtype=torch.float32)
     assert e.value.field == "images" and "none of the 2 pictures" in str(e.value) and "face" in str(e.value)
+    with pytest.raises(UnitError, match="the ID picture has none that insightface finds"):
+        photomaker.prepare(resolved(files["v2"], [flat], pack), device="cpu", dtype=torch.float32)
 
 
 def test_the_face_choice_of_the_unit_picks_the_face(files, photos, pack_root):
@@ -216,6 +218,7 @@ def test_an_sd15_checkpoint_a_mask_and_a_missing_buffalo_l_are_clear_errors(file
     with pytest.raises(UnitError) as e:
         _validate(files["v2"], pack=False)
     assert "buffalo_l" in str(e.value) and "models/insightface/models/buffalo_l" in str(e.value)
+    assert "buffalo_l.zip" in str(e.value)  # what to download, and where it goes
     _validate(files["v1"], pack=False)  # V1 reads no faces
 
 

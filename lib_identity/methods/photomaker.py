@@ -150,10 +150,9 @@ def face_embeddings(images: Sequence, pack_dir, face="largest", *, unit_number: 
         used.append(i)
         embeddings.append(torch.from_numpy(np.array(chosen.embedding, dtype=np.float32)))
     if not embeddings:
-        many = "none of the" if len(images) > 1 else "the"
-        raise UnitError(unit_number, "images", f"PhotoMaker V2 needs a face in each ID picture, and {many} {len(images)} "
-                        f"picture{'s' if len(images) > 1 else ''} has one that insightface finds; use photos where the "
-                        "face is clearly visible (not tiny, not cut off)")
+        which = f"none of the {len(images)} pictures has" if len(images) > 1 else "the ID picture has none"
+        raise UnitError(unit_number, "images", f"PhotoMaker V2 needs a face in each ID picture, and {which} that "
+                        "insightface finds; use photos where the face is clearly visible (not tiny, not cut off)")
     return used, torch.stack(embeddings)
 
 

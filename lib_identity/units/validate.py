@@ -23,7 +23,8 @@ ENCODER_HELP = {
     "clip-vit-bigg": "put the CLIP ViT-bigG/14 image encoder (model.safetensors of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k) "
     "into models/clip_vision",
     "clip-vit-l": "put the CLIP ViT-L/14 image encoder (model.safetensors of openai/clip-vit-large-patch14) into models/clip_vision",
-    "insightface:buffalo_l": "unpack insightface's buffalo_l face models into models/insightface/models/buffalo_l",
+    "insightface:buffalo_l": "unpack insightface's buffalo_l face models (buffalo_l.zip of insightface's GitHub releases) "
+    "into models/insightface/models/buffalo_l",
     "insightface:antelopev2": "unpack insightface's antelopev2 face models into models/insightface/models/antelopev2",
     "instantid-identitynet": "put InstantID's IdentityNet (ControlNet/diffusion_pytorch_model.safetensors of InstantX/InstantID) "
     "into models/ControlNet, e.g. as control_instant_id_sdxl.safetensors",
