@@ -150,3 +150,41 @@ def test_infotext_records_what_restores_the_unit(monkeypatch, tmp_path, ldm):
 def test_xyz_axes_offer_start_and_lora_weight():
     assert {"start", "lora_weight"} <= set(U.AXIS_FIELDS)
     assert U.parse_axis_value("lora_weight", "0.25", 1) == 0.25 and U.parse_axis_value("start", "0.3", 1) == 0.3
+
+
+def test_photomaker_works_beside_a_faceid_unit_and_both_loras_go_away(ldm, tmp_path):
+    """One generation, two methods: FaceID's image tokens and LoRA and PhotoMaker's identity and
+    LoRA; each LoRA adds its own delta on the same projections, and removal restores the UNet."""
+    import dataclasses
+    import os
+
+    from PIL import Image
+
+    import face_models as fm
+    from faceid_helpers import write_faceid
+    from lib_identity.methods import prepare_units
+
+    pack = fm.write_pack(str(tmp_path / "buffalo_l"), fm.T1_FACES, max(fm.T1_SIZE))
+    t1 = Image.open(fm.insightface_image("t1.jpg")).convert("RGB")
+    paths = {"faceid": write_faceid(tmp_path, ldm, "faceid", seed=3), "pm": write_photomaker(tmp_path, ldm, v2=False, seed=8)}
+    resolved = []
+    for number, path in enumerate(paths.values(), 1):
+        entry = SimpleNamespace(name=os.path.basename(str(path)), title=os.path.basename(str(path)), path=str(path),
+                                info=formats.inspect(str(path)))
+        unit = dataclasses.replace(U.Unit(), enabled=True, model=entry.title, images=(t1,))
+        resolved.append(U.ResolvedUnit(number, unit, entry, {"insightface:buffalo_l": pack}))
+    parts = prepare_units(resolved, device="cpu", dtype=torch.float32)
+    assert len(parts.prompts) == 1 and len(parts.loras) == 2 and len(parts.prompt_identities) == 1
+    assert parts.prompt_identities[0].unit_number == 2
+    x, t, c = inputs(seed=4)
+    hooks = hook_counts(ldm)
+    with torch.no_grad():
+        bare = ldm(x, t, context=c)
+        outs = {}
+        for label, loras in (("faceid", parts.loras[:1]), ("both", parts.loras)):
+            with PatchSession(ldm, parts.prompts, loras=loras) as session:
+                session.begin_step(n_cond=1, progress=0.5)
+                outs[label] = ldm(x, t, context=c)
+        assert torch.equal(ldm(x, t, context=c), bare)
+    assert (outs["both"] - outs["faceid"]).abs().max() > 1e-3  # PhotoMaker's LoRA acts on top of FaceID's
+    assert hook_counts(ldm) == hooks
