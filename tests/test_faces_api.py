@@ -168,3 +168,12 @@ def test_the_faces_route_is_behind_the_api_auth(monkeypatch, tmp_path, t1_bytes)
     assert c.post("/identity/v1/faces", json=body).status_code == 401
     assert c.post("/identity/v1/faces", json=body, auth=("alice", "wrong")).status_code == 401
     assert c.post("/identity/v1/faces", json=body, auth=("alice", "secret")).status_code == 200
+
+
+def test_a_missing_buffalo_l_says_what_to_download_and_where(tmp_path):
+    from lib_identity.encoders.faces import FacePackNotFound, find_pack
+
+    with pytest.raises(FacePackNotFound) as e:
+        find_pack("buffalo_l", [str(tmp_path)])
+    msg = str(e.value)
+    assert "buffalo_l.zip" in msg and "models/insightface/models/buffalo_l" in msg and "det_10g.onnx" in msg

@@ -130,10 +130,10 @@ def test_a_family_this_version_cannot_run_is_refused_by_name(setup, tmp_path):
 
     resolved = resolve(setup, images=[b64(picture(7))])
     info = resolved.model.info
-    fake = type(resolved.model)(name="x", path=resolved.model.path, short_hash="", info=type(info)(**{**info.__dict__, "family": "photomaker"}))
+    fake = type(resolved.model)(name="x", path=resolved.model.path, short_hash="", info=type(info)(**{**info.__dict__, "family": "some-future-method"}))
     from lib_identity.methods import prepare_units
 
-    with pytest.raises(UnitError, match=r"Identity unit 1, field 'model': model 'x' is photomaker, which this version cannot run yet"):
+    with pytest.raises(UnitError, match=r"Identity unit 1, field 'model': model 'x' is some-future-method, which this version cannot run; choose an IP-Adapter, IP-Adapter FaceID, InstantID or PhotoMaker model"):
         prepare_units([type(resolved)(1, resolved.unit, fake, resolved.encoders)], device="cpu", dtype=torch.float32)
     with pytest.raises(UnitError, match="IP-Adapter models only"):
         ip_adapter.prepare(type(resolved)(1, resolved.unit, fake, resolved.encoders), device="cpu", dtype=torch.float32)

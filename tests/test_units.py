@@ -63,6 +63,7 @@ def ui_block(**fields):
         "layer_weights": "", "mask": None, "uncond": "zero", "negative_image": None, "face": "largest", "s_scale": 1.0,
         "lora_weight": 1.0, "ip_weight": 0.8, "identitynet_weight": 0.8, "identitynet_start": 0.0,
         "identitynet_end": 1.0, "pose_image": None, "uncond_noise": 0.0, "via_controlnet": False,
+        "trigger": "img",
     }
     assert set(ui_defaults) == set(U.UI_FIELDS), "the test's UI layout must follow UI_FIELDS"
     ui_defaults.update(fields)

@@ -42,4 +42,27 @@ def test_an_instantid_model_shows_its_two_weights_and_not_the_plain_weight():
     assert INSTANTID_ONLY | {"face", "layer_preset", "mask"} <= instantid
     assert not {"weight", "s_scale", "lora_weight", "preparation", "uncond"} & instantid
     for other in ("ip-adapter", "faceid", "photomaker"):
-        assert not INSTANTID_ONLY & shown(other) and "weight" in shown(other), other
+        assert not INSTANTID_ONLY & shown(other), other
+    assert "weight" in shown("ip-adapter") and "weight" in shown("faceid")
+
+
+def test_a_photomaker_model_shows_its_controls_and_hides_the_image_token_knobs():
+    from types import SimpleNamespace
+
+    pm = shown("photomaker")
+    assert {"trigger", "lora_weight", "preparation", "face"} <= pm
+    assert not {"weight", "end", "combine", "layer_preset", "mask", "uncond", "s_scale"} & pm
+    v1 = SimpleNamespace(family="photomaker", face_model=None, lora=True, params={})
+    v2 = SimpleNamespace(family="photomaker", face_model="buffalo_l", lora=True, params={})
+    assert not visible_fields("photomaker", {}, v1)["face"]  # V1 reads whole pictures only
+    assert visible_fields("photomaker", {}, v2)["face"]
+    assert "trigger" not in shown("faceid") and "trigger" not in shown("ip-adapter")
+
+
+def test_picking_a_photomaker_model_moves_start_to_its_default_unless_the_user_set_it(monkeypatch):
+    from lib_identity.webui import ui
+
+    monkeypatch.setattr(ui, "method_of", lambda title: {"pm": "photomaker", "ip": "ip-adapter"}.get(title))
+    assert ui.start_for_model("pm", 0.0) == 0.2
+    assert ui.start_for_model("ip", 0.2) == 0.0  # back to the general default when leaving PhotoMaker
+    assert ui.start_for_model("pm", 0.35) == 0.35 and ui.start_for_model("ip", 0.35) == 0.35

@@ -1,7 +1,8 @@
 """The methods: a validated unit -> what the UNet patch session installs.
 
 ``prepare_units`` sends each unit to its method by the model's family (IP-Adapter, FaceID,
-InstantID) and gathers the image prompts, LoRAs and control residuals for one ``PatchSession``.
+InstantID, PhotoMaker) and gathers the image prompts, LoRAs and control residuals for one
+``PatchSession``, and PhotoMaker's identities for the prompt hook.
 
 A unit with ``via_controlnet`` on is not run here: ``native_units`` leaves it out, and the
 ControlNet extension runs it (``webui/controlnet_bridge.py``).
@@ -20,8 +21,9 @@ class Contributions:
     """Everything the enabled units put into the UNet for one sampling pass."""
 
     prompts: List = field(default_factory=list)  # unet.ImagePrompt, one per unit
-    loras: List = field(default_factory=list)  # unet.lora.AttentionLoRA, from FaceID files
+    loras: List = field(default_factory=list)  # unet.lora.AttentionLoRA, from FaceID and PhotoMaker files
     controls: List = field(default_factory=list)  # unet.control.Control, InstantID's IdentityNet
+    prompt_identities: List = field(default_factory=list)  # conditioning.PromptIdentity, one per PhotoMaker unit
 
 
 def runs_through_controlnet(unit) -> bool:
@@ -41,7 +43,7 @@ def prepare_units(resolved: Sequence, *, device, dtype, unet=None) -> Contributi
     ``unet``: the loaded UNet; InstantID builds IdentityNet from its classes. Units that run
     through the ControlNet extension are left out (``native_units``).
     """
-    from . import faceid, instantid, ip_adapter
+    from . import faceid, instantid, ip_adapter, photomaker
 
     out = Contributions()
     for r in native_units(resolved):
@@ -58,15 +60,21 @@ def prepare_units(resolved: Sequence, *, device, dtype, unet=None) -> Contributi
             out.prompts.append(c.prompt)
             if c.control is not None:
                 out.controls.append(c.control)
+        elif family == photomaker.FAMILY:
+            pm = photomaker.prepare(r, device=device, dtype=dtype)
+            out.prompt_identities.append(pm.identity)
+            if pm.lora is not None:
+                out.loras.append(pm.lora)
         else:
-            raise UnitError(r.number, "model", f"model '{r.model.name}' is {family}, which this version cannot run yet; "
-                            "choose an IP-Adapter, IP-Adapter FaceID or InstantID model (PhotoMaker is coming)")
+            raise UnitError(r.number, "model", f"model '{r.model.name}' is {family}, which this version cannot run; "
+                            "choose an IP-Adapter, IP-Adapter FaceID, InstantID or PhotoMaker model")
     return out
 
 
 def release() -> None:
-    """Forget loaded adapters and IdentityNets (script unload)."""
-    from . import instantid, ip_adapter
+    """Forget loaded adapters, IdentityNets and PhotoMaker models (script unload)."""
+    from . import instantid, ip_adapter, photomaker
 
     ip_adapter.release()
     instantid.release()
+    photomaker.release()

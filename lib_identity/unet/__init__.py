@@ -6,7 +6,7 @@ Public API (see README, "Using the UNet patch from Python"):
   layer weights, mask, reference combination).
 * ``PatchSession(unet, prompts)``: installs them for one sampling pass; ``begin_step`` per
   denoiser step; removes them on ``remove()`` / leaving the ``with`` block.
-* ``AttentionLoRA``: a unit's LoRA on the attention projections (FaceID), for
+* ``AttentionLoRA``: a unit's LoRA on the attention projections (FaceID, PhotoMaker), for
   ``PatchSession(unet, prompts, loras=[...])``; added by hooks, never merged into the weights.
 * ``Control``: a unit's control residuals (InstantID's IdentityNet), for
   ``PatchSession(unet, prompts, controls=[...])``; added by module hooks on the UNet, its

@@ -16,7 +16,10 @@ with no alpha and no 1/rank. Here that delta is added by a forward hook on each 
 
 Numbering (``formats.md`` §2): processor ``n = 2m`` is the ``attn1`` and ``n = 2m + 1`` the
 ``attn2`` of the transformer block whose cross-attention has ordinal ``m`` (diffusers'
-``attn_processors`` order: down, up, mid). The ``to_q`` hook is put *first* among that module's
+``attn_processors`` order: down, up, mid). A LoRA may instead name its attentions by diffusers'
+processor names (PhotoMaker's ``lora_weights``: ``down_blocks.1.attentions.0.transformer_blocks.0
+.attn1.processor``); they are matched against the names the UNet's own layout gives (``layers``),
+so no position in a list is assumed. The ``to_q`` hook is put *first* among that module's
 forward hooks, so the image branch, which keeps ``to_q``'s output as its queries, sees the
 adapted queries, as the official ``LoRAIPAttnProcessor`` does; the ``to_out`` hook sees the
 input after the image branch was added (a forward pre-hook), again as officially.
@@ -41,11 +44,13 @@ class AttentionLoRA:
     """One unit's LoRA on the attention projections.
 
     * ``layers``: ``{n: {"to_q" | "to_k" | "to_v" | "to_out": (down [rank, in], up [out, rank])}}``
-      by attention-processor number ``n`` (see the module docstring), or an object with such a
-      ``layers`` attribute (``lib_identity.models.FaceIDLoRA``). A processor or projection left
-      out is not changed.
+      by attention-processor number ``n`` or diffusers processor name (see the module
+      docstring), or an object with such a ``layers`` attribute (``lib_identity.models.FaceIDLoRA``,
+      ``ProcessorLoRA``). A processor or projection left out is not changed.
     * ``weight``: ``lora_weight``, the multiplier of ``up(down(x))``; 0 leaves the UNet as it is.
     * ``name``: how errors refer to the unit.
+    * ``complete``: the LoRA must cover every attention of the UNet (PhotoMaker's does); an
+      attention it lacks means the file is incomplete or made for another UNet.
 
     The LoRA acts for the whole pass: the official FaceID pipelines have it on at every step.
     """
@@ -53,15 +58,17 @@ class AttentionLoRA:
     layers: Any
     weight: float = 1.0
     name: str = "unit"
+    complete: bool = False
 
 
 @dataclass(eq=False)
 class AttentionModule:
-    """One attention of the UNet and its processor number in the official order."""
+    """One attention of the UNet, its processor number in the official order and its diffusers processor name."""
 
     number: int
     name: str
     module: torch.nn.Module = field(repr=False)
+    diffusers_name: str = ""
 
     def projection(self, proj: str) -> torch.nn.Module:
         """The ``Linear`` of ``to_q``/``to_k``/``to_v``/``to_out`` (``to_out`` is ``to_out[0]`` in ldm/sgm)."""
@@ -81,8 +88,10 @@ def attention_modules(unet: torch.nn.Module, layers: Sequence[CrossAttentionLaye
         except AttributeError:
             raise PatchError(f"{layer.name} has no self-attention beside it ({self_name}); "
                              "this UNet does not have the layout the LoRA was made for") from None
-        found.append(AttentionModule(2 * layer.ordinal, self_name, self_attn))
-        found.append(AttentionModule(2 * layer.ordinal + 1, layer.name, layer.module))
+        processor = layer.diffusers_name
+        self_processor = processor[: -len("attn2.processor")] + "attn1.processor" if processor.endswith("attn2.processor") else ""
+        found.append(AttentionModule(2 * layer.ordinal, self_name, self_attn, self_processor))
+        found.append(AttentionModule(2 * layer.ordinal + 1, layer.name, layer.module, processor))
     return found
 
 
@@ -117,6 +126,24 @@ class _Delta:
         self._cache.clear()
 
 
+def _order(key) -> tuple:
+    """Numbers first, in numeric order, then processor names (the order only makes errors repeatable)."""
+    return (0, int(key), "") if _is_number(key) else (1, 0, str(key))
+
+
+def _is_number(key) -> bool:
+    return isinstance(key, int) or (isinstance(key, str) and key.isdigit())
+
+
+def _find_module(key, modules: Sequence[AttentionModule]) -> Optional[AttentionModule]:
+    """The attention a LoRA key names: a processor number, or a diffusers processor name (".processor" optional)."""
+    if _is_number(key):
+        return next((m for m in modules if m.number == int(key)), None)
+    name = str(key)
+    name = name if name.endswith(".processor") else name + ".processor"
+    return next((m for m in modules if m.diffusers_name == name), None)
+
+
 class PreparedLoRA:
     """An ``AttentionLoRA`` checked against the UNet: one ``_Delta`` per ``Linear`` it changes."""
 
@@ -125,11 +152,11 @@ class PreparedLoRA:
         self.weight = float(lora.weight)
         layers = getattr(lora.layers, "layers", lora.layers)
         if not isinstance(layers, dict):
-            raise PatchError(f"{self.name}: the LoRA must map processor numbers to projections, got {type(layers).__name__}")
-        by_number = {m.number: m for m in modules}
+            raise PatchError(f"{self.name}: the LoRA must map processor numbers or names to projections, got {type(layers).__name__}")
         self.deltas: List[Tuple[str, torch.nn.Module, _Delta]] = []
-        for n in sorted(layers, key=int):
-            target = by_number.get(int(n))
+        covered = set()
+        for n in sorted(layers, key=_order):
+            target = _find_module(n, modules)
             if target is None:
                 raise PatchError(
                     f"{self.name}: the LoRA has attention layer {n}, the loaded UNet has {len(modules)} "
@@ -150,6 +177,13 @@ class PreparedLoRA:
                         f"{target.name}.{proj} needs down {want_down} / up {want_up}; the file is for another base model"
                     )
                 self.deltas.append((f"{target.name}.{proj}", linear, _Delta(down, up, self.weight)))
+            covered.add(target.number)
+        left = [m for m in modules if m.number not in covered]
+        if getattr(lora, "complete", False) and left:
+            raise PatchError(
+                f"{self.name}: the LoRA covers {len(covered)} of the loaded UNet's {len(modules)} attention layers "
+                f"(none for {left[0].name}); the file is incomplete or made for another base model"
+            )
         self.handles: List[Any] = []
 
     def install(self) -> None:

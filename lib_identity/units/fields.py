@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..formats import CROSS_ATTENTION_LAYERS
 from ..unet.layer_weights import PRESETS
 from ..unet.references import COMBINE_MODES as REFERENCE_COMBINE_MODES
-from .parsers import MAX_IMAGES, Bool, Choice, FaceChoice, Images, ModelName, Number, Numbers, OneImage
+from .parsers import MAX_IMAGES, Bool, Choice, FaceChoice, Images, ModelName, Number, Numbers, OneImage, Word
 
 # The layer-weight presets and combine modes are named where they are implemented, so the UI,
 # the API, infotext and X/Y/Z offer exactly what the UNet code does.
@@ -45,7 +45,10 @@ METHOD_OF_FAMILY = {
 ATTENTION_METHODS = ("ip-adapter", "faceid", "instantid")  # the ones that add image tokens to cross-attention
 CLIP_METHODS = ("ip-adapter", "photomaker")  # the ones that fit whole pictures to a CLIP encoder
 FACE_METHODS = ("faceid", "instantid", "photomaker")  # the ones that start from insightface's faces
-NOT_INSTANTID = ("ip-adapter", "faceid", "photomaker")  # InstantID: ip_weight and identitynet_weight, not weight; its faces are averaged
+LORA_METHODS = ("faceid", "photomaker")  # the ones whose files carry a LoRA for the UNet
+PHOTOMAKER_START = 0.2  # the official start_merge_step: 10 of 50 steps
+# weight and combine: InstantID has ip_weight and averages its faces; PhotoMaker's identity is in the prompt
+IMAGE_PROMPT_METHODS = ("ip-adapter", "faceid")
 S_SCALE_RANGE = (0.0, 3.0)
 LORA_WEIGHT_RANGE = (0.0, 2.0)
 
@@ -73,6 +76,12 @@ class FieldSpec:
     axis: bool = False  # offered as an X/Y/Z axis
     overridable: bool = True  # settable per X/Y/Z cell (pictures are not)
     methods: Tuple[str, ...] = METHODS
+    method_defaults: Tuple[Tuple[str, Any], ...] = ()  # (method, default) where a method's default differs
+    recorded_for: Tuple[str, ...] = ()  # methods whose units always record the key (whatever ``record`` says)
+
+    def default_for(self, method: Optional[str]) -> Any:
+        """The default for a unit of ``method`` (``default`` unless ``method_defaults`` names it)."""
+        return dict(self.method_defaults).get(method, self.default)
 
     @property
     def expected(self) -> str:
@@ -97,15 +106,17 @@ FIELDS: Tuple[FieldSpec, ...] = (
     FieldSpec("image_weights", (), Numbers(*IMAGE_WEIGHT_RANGE, most=MAX_IMAGES, empty=(), each="reference image"),
               "how much each reference image counts when combine is 'weighted average' (default 1 each)",
               "Image weights (one per image)", "textbox", "combine", visible_if=("combine", WEIGHTED),
-              infotext="image weights", record=lambda u: u.combine == WEIGHTED),
+              infotext="image weights", record=lambda u: u.combine == WEIGHTED, methods=IMAGE_PROMPT_METHODS),
     FieldSpec("weight", 1.0, Number(*WEIGHT_RANGE), "strength of the unit; negative pushes away from the reference",
-              "Weight", "slider", "strength", step=0.05, infotext="weight", axis=True, methods=NOT_INSTANTID),
-    FieldSpec("start", 0.0, Number(0.0, 1.0), "fraction of the sampling steps where the unit starts acting",
-              "Start (fraction of steps)", "slider", "strength", step=0.01, infotext="start", axis=True),
+              "Weight", "slider", "strength", step=0.05, infotext="weight", axis=True, methods=IMAGE_PROMPT_METHODS),
+    FieldSpec("start", 0.0, Number(0.0, 1.0), "fraction of the sampling steps where the unit starts acting "
+              "(PhotoMaker: before it the prompt without the trigger word is used; its default is 0.2, the official 10 of 50 steps)",
+              "Start (fraction of steps)", "slider", "strength", step=0.01, infotext="start", axis=True,
+              method_defaults=(("photomaker", PHOTOMAKER_START),)),
     FieldSpec("end", 1.0, Number(0.0, 1.0), "fraction of the sampling steps where it stops (after start)",
-              "End (fraction of steps)", "slider", "strength", step=0.01, infotext="end", axis=True),
+              "End (fraction of steps)", "slider", "strength", step=0.01, infotext="end", axis=True, methods=ATTENTION_METHODS),
     FieldSpec("combine", "average", Choice(COMBINE_MODES), "how several reference images are combined",
-              "Several images", "radio", "combine", infotext="combine", axis=True, methods=NOT_INSTANTID),
+              "Several images", "radio", "combine", infotext="combine", axis=True, methods=IMAGE_PROMPT_METHODS),
     FieldSpec("preparation", "crop", Choice(PREPARATIONS), "how a reference image is fitted to the encoder's square input",
               "Fit to the encoder's square", "radio", "fit", infotext="preparation", methods=CLIP_METHODS),
     FieldSpec("crop_position", "center", Choice(CROP_POSITIONS), "which part a 'crop' preparation keeps",
@@ -137,9 +148,10 @@ FIELDS: Tuple[FieldSpec, ...] = (
               "add to the face tokens (the official s_scale)", "Face structure (s_scale, FaceID-Plus v2)", "slider",
               "faceid", step=0.05, infotext="s scale", record=_unless_default("s_scale", 1.0), axis=True,
               methods=("faceid",)),
-    FieldSpec("lora_weight", 1.0, Number(*LORA_WEIGHT_RANGE), "FaceID: strength of the LoRA inside the FaceID file "
-              "(0 turns it off; files without one ignore it)", "FaceID LoRA weight", "slider", "faceid", step=0.05,
-              infotext="lora weight", record=_unless_default("lora_weight", 1.0), axis=True, methods=("faceid",)),
+    FieldSpec("lora_weight", 1.0, Number(*LORA_WEIGHT_RANGE), "FaceID and PhotoMaker: strength of the LoRA inside the "
+              "model file (0 turns it off; files without one ignore it)", "LoRA weight (the model file's own)", "slider",
+              "faceid", step=0.05, infotext="lora weight", record=_unless_default("lora_weight", 1.0), axis=True,
+              methods=LORA_METHODS, recorded_for=("photomaker",)),
     # InstantID (appended: positional callers keep working)
     FieldSpec("ip_weight", 0.8, Number(*WEIGHT_RANGE), "InstantID: strength of the face tokens in cross-attention "
               "(the Image Adapter); it acts between start and end", "Image Adapter weight", "slider", "instantid",
@@ -166,6 +178,11 @@ FIELDS: Tuple[FieldSpec, ...] = (
               "ControlNet extension (sd-webui-controlnet 1.1.440+) instead of natively", "Through the ControlNet extension",
               "checkbox", "instantid pose", infotext="via controlnet", record=lambda u: bool(u.via_controlnet),
               methods=("instantid",)),
+    # PhotoMaker (appended after InstantID's, same reason)
+    FieldSpec("trigger", "img", Word(), "PhotoMaker: the trigger word of the prompt; the word just before it is the class "
+              "word that takes the identity ('a photo of a man img'); it is removed from the text",
+              "Trigger word (after the class word: 'a man img')", "textbox", "photomaker", infotext="trigger",
+              record=_unless_default("trigger", "img"), recorded_for=("photomaker",), methods=("photomaker",)),
 )
 
 SPECS: Dict[str, FieldSpec] = {f.name: f for f in FIELDS}
@@ -191,19 +208,26 @@ def field_docs() -> List[dict]:
     for spec in FIELDS:
         default = API_DEFAULTS[spec.name]
         rows.append({"name": spec.name, "default": list(default) if isinstance(default, tuple) else default,
+                     "method_defaults": dict(spec.method_defaults),
                      "accepts": spec.expected, "help": spec.help, "methods": list(spec.methods),
                      "infotext": spec.infotext, "axis": spec.axis})
     return rows
 
 
-def _default_text(name: str, default) -> str:
+def _default_text(spec: FieldSpec, default) -> str:
     import json
 
-    if name == "image_weights":
+    def code(value):
+        return f"`{json.dumps(list(value) if isinstance(value, tuple) else value)}`"
+
+    if spec.name == "image_weights":
         return "1 per image"
     if default in ("", ()):
         return "—"
-    return f"`{json.dumps(list(default) if isinstance(default, tuple) else default)}`"
+    text = code(default)
+    for method, value in spec.method_defaults:
+        text += f" ({method}: {code(value)})"
+    return text
 
 
 def field_table_markdown() -> str:
@@ -211,6 +235,6 @@ def field_table_markdown() -> str:
     lines = ["| field | default | accepts | meaning | used by |", "|---|---|---|---|---|"]
     for spec in FIELDS:
         used = "all methods" if spec.methods == METHODS else ", ".join(spec.methods)
-        cells = [f"`{spec.name}`", _default_text(spec.name, API_DEFAULTS[spec.name]), spec.expected, spec.help, used]
+        cells = [f"`{spec.name}`", _default_text(spec, API_DEFAULTS[spec.name]), spec.expected, spec.help, used]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -68,13 +68,14 @@ def _text(value) -> str:
 
 def format_unit(unit: Unit, model_title: Optional[str] = None, method: Optional[str] = None) -> str:
     """The infotext value of one unit (before the WebUI's own quoting): the field table's keys in its
-    order, each where its ``record`` rule says so; pictures (as content hashes) last. With the
-    unit's ``method`` known, fields that method does not use are left out."""
+    order, each where its ``record`` rule says so, or always for a ``method`` the field's
+    ``recorded_for`` names (PhotoMaker's trigger and LoRA weight); pictures (as content hashes)
+    last. Given the unit's ``method``, fields that method does not use are left out."""
     pairs, pictures = [], []
     for spec in FIELDS:
-        if spec.infotext is None or (spec.record is not None and not spec.record(unit)):
-            continue
-        if method is not None and method not in spec.methods:
+        if spec.infotext is None or (method is not None and method not in spec.methods):
+            continue  # a field the unit's method does not use says nothing about the image
+        if spec.record is not None and not spec.record(unit) and method not in spec.recorded_for:
             continue
         value = getattr(unit, spec.name)
         if spec.name == "model":
@@ -96,8 +97,9 @@ def units_to_infotext(units: Sequence[Unit], *, model_titles: Optional[Mapping[i
     """``{"Identity N": value}`` for each enabled unit, N its 1-based position.
 
     ``model_titles`` (unit number -> "name [hash]", e.g. from ``validate_for_run``) records the
-    model's hash when the unit named the model without one; ``methods`` (unit number -> method)
-    leaves out the fields a unit's method does not use.
+    model's hash when the unit named the model without one; ``methods`` (unit number -> method,
+    e.g. "photomaker") leaves out the fields a unit's method does not use and adds the keys that
+    method always records.
     """
     titles, kinds = model_titles or {}, methods or {}
     return {infotext_key(n): format_unit(u, titles.get(n), kinds.get(n)) for n, u in enumerate(units, 1) if u.enabled}

@@ -60,7 +60,8 @@ def apply_overrides(units: Sequence[Unit], overrides: Mapping) -> List[Unit]:
         values = unit.values()
         for name, raw in todo.items():
             values[name] = DEFAULTS[name] if raw is None else parse_field(name, raw, number, ctx)
-        new = finish(values, number, XYZ, set(todo), _deferred_error=unit._deferred_error)
+        new = finish(values, number, XYZ, set(todo), _deferred_error=unit._deferred_error,
+                     _unset=unit._unset - frozenset(todo))
         if new.enabled and new._deferred_error is not None:
             raise new._deferred_error
         out.append(new)

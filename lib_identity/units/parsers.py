@@ -154,6 +154,22 @@ class Choice:
         raise got(self.expected, value)
 
 
+class Word:
+    """One word of a prompt (PhotoMaker's trigger): letters, digits, ``_`` or ``-``; not a word of
+    the WebUI's prompt syntax (``AND``, ``BREAK``)."""
+
+    expected = "one word of letters, digits, '_' or '-' (like img), not AND or BREAK"
+    _word = re.compile(r"^[\w\-]{1,40}$")
+    _reserved = ("AND", "BREAK")
+
+    def __call__(self, value, ctx):
+        if isinstance(value, str):
+            text = value.strip()
+            if self._word.match(text) and text not in self._reserved:
+                return text
+        raise got(self.expected, value)
+
+
 class FaceChoice:
     """Which face of a picture: ``"largest"``, an index in the face picker's numbering (0 = the
     largest face), or a box ``[x0, y0, x1, y1]`` in picture pixels (the face overlapping it most)."""

@@ -55,7 +55,7 @@ class _UnitBehaviour:
                 continue
             values[name] = parse_field(name, raw, number, ctx)
             given.add(name)
-        return finish(values, number, API, given)
+        return finish(values, number, API, given, _unset=frozenset(SPECS) - frozenset(given))
 
     @classmethod
     def from_ui(
@@ -109,7 +109,10 @@ Unit = dataclasses.make_dataclass(
     [(spec.name, Any, dataclasses.field(default=spec.default, metadata={"spec": spec})) for spec in FIELDS]
     # A disabled UI unit with a bad value keeps its error here instead of failing every
     # generation; it is raised if an X/Y/Z cell turns the unit on.
-    + [("_deferred_error", Optional[UnitError], dataclasses.field(default=None, compare=False, repr=False))],
+    + [("_deferred_error", Optional[UnitError], dataclasses.field(default=None, compare=False, repr=False)),
+       # The fields its entry point left to their defaults (API units): a method whose default
+       # differs (PhotoMaker's start) sets them when the model is known (``validate_for_run``).
+       ("_unset", frozenset, dataclasses.field(default=frozenset(), compare=False, repr=False))],
     bases=(_UnitBehaviour,),
     frozen=True,
     namespace={"__doc__": "One identity unit, validated and normalised (images decoded, choices spelled canonically). "

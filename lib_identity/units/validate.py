@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from ..errors import IdentityError, UnitError
 from ..formats import CROSS_ATTENTION_LAYERS, describe_encoder
+from .fields import FIELDS, METHOD_OF_FAMILY
 from .unit import Unit
 
 BASE_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
@@ -22,7 +23,8 @@ ENCODER_HELP = {
     "clip-vit-bigg": "put the CLIP ViT-bigG/14 image encoder (model.safetensors of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k) "
     "into models/clip_vision",
     "clip-vit-l": "put the CLIP ViT-L/14 image encoder (model.safetensors of openai/clip-vit-large-patch14) into models/clip_vision",
-    "insightface:buffalo_l": "unpack insightface's buffalo_l face models into models/insightface/models/buffalo_l",
+    "insightface:buffalo_l": "unpack insightface's buffalo_l face models (buffalo_l.zip of insightface's GitHub releases) "
+    "into models/insightface/models/buffalo_l",
     "insightface:antelopev2": "unpack insightface's antelopev2 face models into models/insightface/models/antelopev2",
     "instantid-identitynet": "put InstantID's IdentityNet (ControlNet/diffusion_pytorch_model.safetensors of InstantX/InstantID) "
     "into models/ControlNet, e.g. as control_instant_id_sdxl.safetensors",
@@ -105,6 +107,12 @@ def validate_for_run(
                 f"InstantID runs on SDXL checkpoints only and the loaded checkpoint is {BASE_NAMES.get(base, base)}; "
                 "load an SDXL checkpoint to use it",
             )
+        if info.family == "photomaker" and base and base != "sdxl":
+            raise UnitError(
+                number, "model",
+                f"PhotoMaker works with SDXL checkpoints only, and the loaded checkpoint is {BASE_NAMES.get(base, base)}; "
+                f"load an SDXL checkpoint to use '{entry.name}'",
+            )
         if base and info.base and info.base != base:
             raise UnitError(
                 number, "model",
@@ -123,6 +131,10 @@ def validate_for_run(
             encoders[need] = found
         if not unit.images:
             raise UnitError(number, "images", "the unit is on but has no reference images; add at least one")
+        if unit.mask is not None and info.family == "photomaker":
+            raise UnitError(number, "mask", "PhotoMaker cannot be bound to a region: it changes the prompt's text "
+                            "conditioning (the class word), which acts on the whole picture; remove the mask "
+                            "(IP-Adapter, FaceID and InstantID units take one)")
         if unit.mask is not None and unit.mask.getextrema()[1] == 0:
             raise UnitError(number, "mask", "the region mask is all black, so the unit would change nothing; paint the region white or remove the mask")
         if unit.layer_weights is not None and info.family != "photomaker":
@@ -133,8 +145,23 @@ def validate_for_run(
                     number, "layer_weights",
                     f"expected {want} weights for an {BASE_NAMES.get(info.base, info.base)} model (one per cross-attention layer), got {len(unit.layer_weights)}",
                 )
-        resolved.append(ResolvedUnit(number, dataclasses.replace(unit, model=entry.title), entry, encoders))
+        changes = with_method_defaults(unit, METHOD_OF_FAMILY.get(info.family))
+        resolved.append(ResolvedUnit(number, dataclasses.replace(unit, model=entry.title, **changes), entry, encoders))
     return resolved
+
+
+def with_method_defaults(unit: Unit, method: Optional[str]) -> dict:
+    """The fields the unit left to their defaults (``Unit._unset``) whose default differs for
+    ``method`` (PhotoMaker's start), with that method's default; start stays below end."""
+    changes = {}
+    for spec in FIELDS:
+        if spec.name in unit._unset and spec.method_defaults:
+            value = spec.default_for(method)
+            if value != getattr(unit, spec.name):
+                changes[spec.name] = value
+    if changes.get("start", unit.start) >= unit.end:
+        changes.pop("start", None)
+    return changes
 
 
 def _find(name: str, number: int, find_model, model_names):

@@ -138,8 +138,11 @@ def process(p, args):
             return
         resolved = lookup.resolve_units(units, lookup.loaded_base())
         titles = {r.number: r.unit.model for r in resolved}
+        # the units as they run (a method's own defaults applied), with the keys their method records
+        as_run = {r.number: r.unit for r in resolved}
         methods = {r.number: U.METHOD_OF_FAMILY.get(r.model.info.family) for r in resolved}
-        write_infotext(p.extra_generation_params, units, model_titles=titles, methods=methods)
+        write_infotext(p.extra_generation_params, [as_run.get(n, u) for n, u in enumerate(units, 1)],
+                       model_titles=titles, methods=methods)
         state.resolved = resolved
         _remove_when_sampling_ends(p)
     except IdentityError as e:

@@ -209,7 +209,19 @@ def method_of(model_title) -> "str | None":
 _USED_BY = {
     "s_scale": lambda info: bool(info.params.get("shortcut")),  # only FaceID-Plus v2 has the shortcut
     "lora_weight": lambda info: bool(getattr(info, "lora", False)),  # Portrait has no LoRA
+    "face": lambda info: info.family != "photomaker" or bool(info.face_model),  # PhotoMaker V1 reads no faces
 }
+
+
+def start_for_model(model_title, start):
+    """The start slider's value after the user picks a model: PhotoMaker's own default (0.2) when
+    the slider is at the general default, and back when leaving PhotoMaker; anything the user set
+    stays. (Bound to the dropdown's ``input`` event only, so pasted infotext is never changed.)"""
+    spec = U.SPECS["start"]
+    method = method_of(model_title)
+    own = spec.default_for(method)
+    others = {spec.default} | {value for _, value in spec.method_defaults}
+    return own if start in others else start
 
 
 def visible_fields(method, values: dict, info=None) -> dict:
@@ -253,6 +265,10 @@ def _wire(gr, c, extras):
         shown = visible_fields(method, dict(zip(sources, values)), info)
         return [gr.update(visible=shown[name]) for name in dependent]
 
+    start = next(s.name for s in U.FIELDS if s.method_defaults)
+    c[model].input(lambda title, value: start_for_model(title, value), inputs=[c[model], c[start]], outputs=[c[start]],
+                   show_progress=False)
+
     for source in sources:
         c[source].change(on_change, inputs=[c[s] for s in sources], outputs=[c[n] for n in dependent], show_progress=False)
 
@@ -272,7 +288,9 @@ def face_picker(files, model_title):
     info = model_info(model_title)
     if info is None or U.METHOD_OF_FAMILY.get(info.family) not in U.SPECS["face"].methods or not files:
         return [], ""
-    need = next(n for n in U.required_encoders(info) if n.startswith("insightface:"))
+    need = next((n for n in U.required_encoders(info) if n.startswith("insightface:")), None)
+    if need is None:  # PhotoMaker V1: whole pictures only
+        return [], ""
     found, pack = lookup.find_encoder_status(need)
     if not found:
         return [], folders.shorten(f"⚠ {pack}")

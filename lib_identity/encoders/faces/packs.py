@@ -33,6 +33,11 @@ KNOWN_PACK_FILES = {
     "antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx"),
 }
 
+# Where a pack is published: insightface's own releases (its model_zoo downloads buffalo_l.zip from there).
+PACK_DOWNLOADS = {
+    "buffalo_l": "buffalo_l.zip in its GitHub releases (github.com/deepinsight/insightface/releases)",
+}
+
 
 class FacePackNotFound(ModelNotFoundError):
     """No folder holds the insightface pack: the message names the pack, its files and the folders searched."""
@@ -49,6 +54,8 @@ class FacePackNotFound(ModelNotFoundError):
             f"holding {files}. Searched: {where}. Put the pack's folder in models/insightface/models/ "
             f"(it is never downloaded by this extension)."
         )
+        if name in PACK_DOWNLOADS:
+            msg += f" insightface publishes it as {PACK_DOWNLOADS[name]}: unpack it there, so that models/insightface/models/{name} holds the .onnx files."
         super().__init__(msg)
 
 
