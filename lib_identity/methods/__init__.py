@@ -18,6 +18,7 @@ class Contributions:
 
     prompts: List = field(default_factory=list)  # unet.ImagePrompt, one per unit
     loras: List = field(default_factory=list)  # unet.lora.AttentionLoRA, from FaceID files
+    prompt_identities: List = field(default_factory=list)  # conditioning.PromptIdentity, one per PhotoMaker unit
 
 
 def prepare_units(resolved: Sequence, *, device, dtype) -> Contributions:

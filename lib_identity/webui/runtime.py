@@ -18,7 +18,7 @@ from .. import units as U
 from ..errors import IdentityError
 from ..unet import PatchSession, remove_sessions
 from ..units import write_infotext
-from . import lookup, settings
+from . import lookup, prompt_hook, settings
 
 log = logging.getLogger("sd-webui-identity")
 
@@ -35,6 +35,7 @@ class _State:
         self.gate = None  # hook handle on sd_model.model that raises the pending error
         self.error: Optional[BaseException] = None
         self.cfg_callback = None
+        self.parts = None  # methods.Contributions of this run, prepared once (first encoding or first pass)
 
 
 state = _State()
@@ -71,6 +72,7 @@ def cleanup():
             state.gate = None
         state.error = None
         state.resolved = []
+        state.parts = None
 
 
 def _fail(p, error: BaseException):
@@ -107,6 +109,8 @@ def process(p, args):
         write_infotext(p.extra_generation_params, units, model_titles=titles)
         state.resolved = resolved
         _remove_when_sampling_ends(p)
+        if any(r.model.info.family == "photomaker" for r in resolved):
+            prompt_hook.install(p, lambda: _prompt_identities(p))
     except IdentityError as e:
         write_infotext(p.extra_generation_params, [])
         _fail(p, e)
@@ -133,24 +137,49 @@ def _remove_when_sampling_ends(p):
     p.sample = sample_then_remove
 
 
+def _prepared(p):
+    """This run's contributions, prepared once: at the first prompt encoding when a unit acts in
+    the prompt (PhotoMaker), else at the first sampling pass; every pass installs the same."""
+    if state.parts is None:
+        from modules import devices
+
+        from ..encoders import default_cache, default_face_cache, set_offload_policy
+        from ..methods import prepare_units
+
+        set_offload_policy(settings.option("identity_encoder_offload"))
+        default_cache().resize(max(0, int(settings.option("identity_cache_size"))))
+        default_face_cache().resize(max(0, int(settings.option("identity_cache_size"))))
+        state.parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet)
+    return state.parts
+
+
+def _prompt_identities(p):
+    """The PhotoMaker units' ``PromptIdentity``s for the WebUI's prompt encoding (see ``prompt_hook``).
+
+    Called inside ``setup_conds``: an error raised here stops the run with its message."""
+    if not state.resolved or state.error is not None:
+        return []
+    try:
+        return list(_prepared(p).prompt_identities)
+    except IdentityError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the run must stop with the cause, not go on without the identity
+        log.exception("identity: preparing the units failed")
+        raise IdentityError(f"Identity: preparing the units failed: {type(e).__name__}: {e}") from e
+
+
 def before_sampling(p):
     """``Script.process_before_every_sampling`` (first pass, hires pass, img2img)."""
     if not state.resolved or state.error is not None:
         return
-    from modules import devices, script_callbacks
-
-    from ..encoders import default_cache, default_face_cache, set_offload_policy
-    from ..methods import prepare_units
+    from modules import script_callbacks
 
     try:
         if state.session is not None:
             state.session.remove()
             state.session = None
-        set_offload_policy(settings.option("identity_encoder_offload"))
-        default_cache().resize(max(0, int(settings.option("identity_cache_size"))))
-        default_face_cache().resize(max(0, int(settings.option("identity_cache_size"))))
+        parts = _prepared(p)
         unet = p.sd_model.model.diffusion_model
-        parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet)
         session = PatchSession(unet, parts.prompts, owner=OWNER, loras=parts.loras).install()
         state.session = session
 
