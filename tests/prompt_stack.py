@@ -113,6 +113,7 @@ class P:
         self.hr_prompts, self.hr_negative_prompts = list(self.prompts), list(self.negative_prompts)
         self.steps, self.hr_steps = steps, hr_steps
         self.extra_generation_params = {}
+        self.sample = None
 
     def get_conds_with_caching(self, function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
         params = (list(required_prompts), steps, hires_steps, False, self.stack.opts.emphasis)
