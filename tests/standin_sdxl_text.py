@@ -153,3 +153,16 @@ class SDXLTextModel:
         z_l = clip_l(batch)
         z_g, pooled = clip_g(batch)
         return {"crossattn": torch.cat([z_l, z_g], -1), "vector": torch.cat([pooled, torch.zeros(len(batch), 4)], -1)}
+
+
+class SDXLRefinerTextModel(SDXLTextModel):
+    """The SDXL refiner's text side: OpenCLIP-G only (its context is 1280 wide there)."""
+
+    def __init__(self, encoder_class, parser, widths=(8, 16)):
+        super().__init__(encoder_class, parser, widths)
+        self.conditioner.embedders = self.conditioner.embedders[1:]
+
+    def get_learned_conditioning(self, batch):
+        self.encoded.append(list(batch))
+        z_g, pooled = self.conditioner.embedders[0](batch)
+        return {"crossattn": z_g, "vector": torch.cat([pooled, torch.zeros(len(batch), 4)], -1)}

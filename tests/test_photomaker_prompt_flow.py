@@ -244,3 +244,17 @@ def test_preparing_the_units_failing_stops_the_run_in_setup_conds(run):
     with pytest.raises(IdentityError, match="preparing the units failed: MemoryError: out of memory"):
         p.setup_conds()
     _assert_nothing_patched(run.stack)
+
+
+def test_a_refiner_gets_the_prompt_without_the_trigger(stack):
+    import standin_sdxl_text
+
+    encoder_class = type(stack.model.conditioner.embedders[0])
+    refiner = standin_sdxl_text.SDXLRefinerTextModel(encoder_class, stack.parser)
+    sys.modules["modules.shared"].sd_model = refiner
+    try:
+        p = encode(stack, [PROMPT], [identity(2)])
+        assert refiner.encoded[-1] == [TRIGGER_FREE]
+        assert same(cond(p, 0), cond(encode(stack, [TRIGGER_FREE]), 0))
+    finally:
+        sys.modules["modules.shared"].sd_model = stack.model

@@ -76,6 +76,10 @@ def fuse_rows(crossattn: torch.Tensor, raw: Sequence[Sequence[torch.Tensor]], fo
     out = crossattn.clone()
     for place in found:
         ident = identities[place.index]
+        if ident.id_embeds.shape[-1] != crossattn.shape[-1]:
+            raise IdentityError(f"PhotoMaker (unit {ident.unit_number}) makes {ident.id_embeds.shape[-1]}-wide ID "
+                                f"embeddings, the model's text context is {crossattn.shape[-1]} wide; PhotoMaker "
+                                "needs an SDXL model")
         if len(place.rows) != ident.id_embeds.shape[0]:
             raise IdentityError(f"PhotoMaker: identity {ident.unit_number} found {len(place.rows)} class-word copies, "
                                 f"expected {ident.id_embeds.shape[0]}")

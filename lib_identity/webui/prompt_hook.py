@@ -29,7 +29,7 @@ import torch
 from ..conditioning.rows import fuse_rows, placements
 from ..conditioning.schedule import split_schedule, start_step
 from ..conditioning.tokens import ClassTokenRepeater
-from ..conditioning.triggers import check_triggers, trigger_regex
+from ..conditioning.triggers import check_triggers, strip_triggers, trigger_regex
 from ..errors import IdentityError
 
 _MARK = "_identity_prompt_hook"
@@ -91,6 +91,12 @@ def conditioning_with_identities(model, encode: Callable, texts, idents: Sequenc
     if getattr(texts, "is_negative_prompt", False) or not any(pattern.search(t) for t in texts):
         return encode(texts)
     embedders = text_embedders(model)
+    if len(embedders) != 2:
+        # An SDXL refiner (OpenCLIP-G only) re-encodes the prompts when it takes over: PhotoMaker's
+        # fuse needs both SDXL encoders, so the refiner gets the prompt without the trigger words.
+        _note_once("the refiner (or a model with one text encoder) gets the prompt without the trigger word; "
+                   "PhotoMaker acts through the base model")
+        return encode(_same_kind(texts, [strip_triggers(t, [i.trigger for i in idents]) for t in texts]))
     raw: List[list] = [[] for _ in embedders]
     seen_tokens: List[list] = [[] for _ in embedders]
     with contextlib.ExitStack() as stack, torch.no_grad():
@@ -108,6 +114,23 @@ def conditioning_with_identities(model, encode: Callable, texts, idents: Sequenc
     out = dict(cond)
     out["crossattn"] = crossattn
     return out
+
+
+_noted = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _noted:
+        _noted.add(message)
+        print(f"[identity] PhotoMaker: {message}")
+
+
+def _same_kind(texts, new: list):
+    """``new`` as the same kind of list as ``texts`` (the WebUI's SdConditioning keeps size and sign)."""
+    try:
+        return type(texts)(new, copy_from=texts)
+    except TypeError:
+        return new
 
 
 def text_embedders(model) -> list:

@@ -5,6 +5,10 @@ The WebUI catches exceptions from script hooks and goes on without the script, w
 an image without the identity. So a problem found in a hook is kept as ``pending error`` and a
 pre-hook on the model wrapper (``p.sd_model.model``) raises it at the first UNet call: the
 generation stops with the message (red text in the UI, the ``errors`` field of an API error).
+
+The units are prepared once per run (``_prepared``): at the first prompt encoding when a
+PhotoMaker unit acts in the prompt (``prompt_hook``, inside ``setup_conds``, where an error
+stops the run directly), otherwise at the first sampling pass.
 """
 
 from __future__ import annotations
