@@ -65,7 +65,7 @@ def make_stack(monkeypatch, real=False):
         devices.device = torch.device("cpu")
         devices.torch_npu_set_device = lambda: None
         hijack = types.ModuleType("modules.sd_hijack")
-        db = SimpleNamespace(find_embedding_at_position=lambda tokens, offset: (None, None))
+        db = SimpleNamespace(find_embedding_at_position=_textual_inversion)
         hijack.model_hijack = SimpleNamespace(embedding_db=db, fixes=None, extra_generation_params={})
         for name, mod in {"devices": devices, "sd_hijack": hijack}.items():
             monkeypatch.setitem(sys.modules, f"modules.{name}", mod)
@@ -96,6 +96,18 @@ def make_stack(monkeypatch, real=False):
         monkeypatch.setattr(opts, "emphasis", mode)
 
     return SimpleNamespace(parser=parser, model=model, opts=opts, set_emphasis=set_emphasis, real=real)
+
+
+TEXTUAL_INVERSION = "zebra"  # in the real stack, this word is a 3-vector textual-inversion embedding
+
+
+def _textual_inversion(tokens, offset):
+    """The WebUI's ``embedding_db.find_embedding_at_position`` knowing one embedding (for the real stack)."""
+    from clip_tokenizer import clip_tokenizer
+
+    if tokens[offset] == clip_tokenizer().convert_tokens_to_ids(TEXTUAL_INVERSION + "</w>"):
+        return SimpleNamespace(vectors=3, name=TEXTUAL_INVERSION, shorthash=None), 1
+    return None, None
 
 
 class P:
