@@ -63,10 +63,10 @@ def expected_rows(plain_rows, raw_rows, ident):
     return torch.cat(out, -1), scale
 
 
-def check_fused(stack, prompt, ident, step=0, emphasis_on_class=None):
+def check_fused(stack, prompt, ident, step=0, emphasis_on_class=None, reference=None):
     n = ident.id_embeds.shape[0]
     got = encode(stack, [prompt], [ident]).unet_cond(step)
-    reference = repeated(prompt, n)
+    reference = reference or repeated(prompt, n)
     plain = encode(stack, [reference]).unet_cond(step)
     mode = stack.opts.emphasis
     stack.set_emphasis("Ignore")
@@ -129,3 +129,8 @@ def test_a_textual_inversion_before_the_class_word_moves_its_rows(stack):
 def test_emphasis_without_mean_restoration_scales_the_fused_rows_by_the_weight(stack):
     stack.set_emphasis("No norm")
     check_fused(stack, "a photo of a (man img:0.8), smiling", identity(2), emphasis_on_class=0.8)
+
+
+def test_the_copies_take_the_class_words_emphasis_when_the_trigger_is_outside_it(stack):
+    check_fused(stack, "a photo of a (man:1.3) img, smiling", identity(2), emphasis_on_class=1.3,
+                reference="a photo of a (man man:1.3), smiling")
