@@ -218,6 +218,11 @@ def write_pack(folder: str, faces: Sequence[TargetFace], long_side: float, *, ma
     return folder
 
 
+def write_antelopev2_pack(folder: str, faces: Sequence[TargetFace], long_side: float, **kw) -> str:
+    """A pack with antelopev2's file names (InstantID's pack): SCRFD-10G and the Glint360K ArcFace."""
+    return write_pack(folder, faces, long_side, det_name="scrfd_10g_bnkps.onnx", rec_name="glintr100.onnx", **kw)
+
+
 def insightface_image(name: str) -> str:
     """Path of a photo shipped in insightface's wheel (``t1.jpg``: a group; ``Tom_Hanks_54745.png``: one face)."""
     import insightface

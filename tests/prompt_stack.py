@@ -126,6 +126,7 @@ class P:
         self.steps, self.hr_steps = steps, hr_steps
         self.extra_generation_params = {}
         self.sample = None
+        self.sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=None))  # only the UNet's place
 
     def get_conds_with_caching(self, function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
         params = (list(required_prompts), steps, hires_steps, False, self.stack.opts.emphasis)

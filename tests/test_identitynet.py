@@ -270,3 +270,18 @@ def test_a_file_round_trips_without_diffusers(tmp_path, host):
         assert seen[-1] == (len(sd), len(sd)) and len(seen) == len(sd)
         for got, want in zip(run_ours(net, a), expected):
             torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_the_cache_loads_a_real_file_once_with_console_progress(own_file, host, capsys):
+    """What InstantID units use: the file read once per dtype, with a start line and a progress bar."""
+    from lib_identity.methods.identitynet_cache import IdentityNetCache
+
+    cache = IdentityNetCache(size=1)
+    first = cache.get(str(own_file), unet=host, device="cpu", dtype=torch.float32)
+    assert isinstance(first, IdentityNet) and first.dtype == torch.float32
+    assert cache.get(str(own_file), unet=host, device="cpu", dtype=torch.float32) is first
+    err = capsys.readouterr()
+    assert err.out.count("loading IdentityNet diffusers.safetensors") == 1
+    assert "tensors" in err.err  # the bar over the tensors read
+    half = cache.get(str(own_file), unet=host, device="cpu", dtype=torch.float16)
+    assert half is not first and half.dtype == torch.float16 and len(cache) == 1

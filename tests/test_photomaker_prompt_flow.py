@@ -200,7 +200,7 @@ def run(monkeypatch):
     unit = SimpleNamespace(number=1, model=SimpleNamespace(info=SimpleNamespace(family="photomaker"), name="pm"),
                            unit=SimpleNamespace(model="pm"))
 
-    def prepare_units(resolved, device, dtype):
+    def prepare_units(resolved, device, dtype, unet=None):
         state.prepared += 1
         if state.fail:
             raise state.fail

@@ -31,3 +31,15 @@ def test_dependent_controls_follow_their_control():
 def test_without_a_model_every_control_shows_that_its_dependencies_allow():
     assert shown(None) == {s.name for s in U.FIELDS if s.methods != U.METHODS or s.visible_if} - {
         s.name for s in U.FIELDS if s.visible_if and U.SPECS[s.visible_if[0]].default != s.visible_if[1]}
+
+
+INSTANTID_ONLY = {"ip_weight", "identitynet_weight", "identitynet_start", "identitynet_end", "pose_image", "uncond_noise",
+                  "via_controlnet"}
+
+
+def test_an_instantid_model_shows_its_two_weights_and_not_the_plain_weight():
+    instantid = shown("instantid")
+    assert INSTANTID_ONLY | {"face", "layer_preset", "mask"} <= instantid
+    assert not {"weight", "s_scale", "lora_weight", "preparation", "uncond"} & instantid
+    for other in ("ip-adapter", "faceid", "photomaker"):
+        assert not INSTANTID_ONLY & shown(other) and "weight" in shown(other), other

@@ -15,13 +15,13 @@ def _titles(markdown: str) -> str:
     return " ".join(re.findall(r'title="([^"]*)"', markdown))
 
 
-def setup(monkeypatch, tmp_path, sdxl=False):
+def setup(monkeypatch, tmp_path, sdxl=False, data_path=None):
     import sys
 
     from lib_identity import discovery
 
     install_fake_modules(monkeypatch, models_path=tmp_path / "models", sd_model=SimpleNamespace(is_sdxl=sdxl, is_sd1=not sdxl))
-    monkeypatch.setattr(sys.modules["modules.paths"], "data_path", str(tmp_path), raising=False)
+    monkeypatch.setattr(sys.modules["modules.paths"], "data_path", str(data_path or tmp_path), raising=False)
     discovery.list_models([], refresh=True)
     from lib_identity.webui import ui
 
@@ -37,6 +37,15 @@ def test_no_model_yet_says_which_file_goes_where(monkeypatch, tmp_path):
     assert str(tmp_path / "models" / "ipadapter") in _titles(line)  # the full paths on hover
     ui = setup(monkeypatch, tmp_path, sdxl=True)
     assert "ip-adapter_sdxl_vit-h.safetensors" in ui.model_status("None")
+
+
+def test_folders_are_named_from_models_parent_when_the_data_folder_is_elsewhere(monkeypatch, tmp_path):
+    """--data-dir elsewhere and --models-dir in the WebUI's folder (a common shared-models setup)."""
+    write_manifest_layout("ip-adapter_sd15", tmp_path / "models" / "ipadapter", "safetensors")
+    ui = setup(monkeypatch, tmp_path, data_path=tmp_path / "data")
+    for title in ("None", "ip-adapter_sd15"):
+        shown = _visible(ui.model_status(title))
+        assert str(tmp_path) not in shown and "models/" in shown, shown
 
 
 def test_a_missing_encoder_is_the_first_thing_said(monkeypatch, tmp_path):

@@ -1,7 +1,10 @@
 """The methods: a validated unit -> what the UNet patch session installs.
 
-``prepare_units`` sends each unit to its method by the model's family (IP-Adapter, FaceID) and
-gathers the image prompts and LoRAs for one ``PatchSession``.
+``prepare_units`` sends each unit to its method by the model's family (IP-Adapter, FaceID,
+InstantID) and gathers the image prompts, LoRAs and control residuals for one ``PatchSession``.
+
+A unit with ``via_controlnet`` on is not run here: ``native_units`` leaves it out, and the
+ControlNet extension runs it (``webui/controlnet_bridge.py``).
 """
 
 from __future__ import annotations
@@ -18,15 +21,31 @@ class Contributions:
 
     prompts: List = field(default_factory=list)  # unet.ImagePrompt, one per unit
     loras: List = field(default_factory=list)  # unet.lora.AttentionLoRA, from FaceID files
+    controls: List = field(default_factory=list)  # unet.control.Control, InstantID's IdentityNet
     prompt_identities: List = field(default_factory=list)  # conditioning.PromptIdentity, one per PhotoMaker unit
 
 
-def prepare_units(resolved: Sequence, *, device, dtype) -> Contributions:
-    """The contributions of validated units (``units.ResolvedUnit``) for a UNet on ``device``/``dtype``."""
-    from . import faceid, ip_adapter
+def runs_through_controlnet(unit) -> bool:
+    """Whether the ControlNet extension runs this unit instead of the native path (InstantID's
+    ``via_controlnet``): the one place that decides it."""
+    return bool(getattr(unit, "via_controlnet", False))
+
+
+def native_units(resolved: Sequence) -> List:
+    """The units the native path runs: every one but those the ControlNet extension takes over."""
+    return [r for r in resolved if not runs_through_controlnet(r.unit)]
+
+
+def prepare_units(resolved: Sequence, *, device, dtype, unet=None) -> Contributions:
+    """The contributions of validated units (``units.ResolvedUnit``) for a UNet on ``device``/``dtype``.
+
+    ``unet``: the loaded UNet; InstantID builds IdentityNet from its classes. Units that run
+    through the ControlNet extension are left out (``native_units``).
+    """
+    from . import faceid, instantid, ip_adapter
 
     out = Contributions()
-    for r in resolved:
+    for r in native_units(resolved):
         family = r.model.info.family
         if family == "ip-adapter":
             out.prompts.append(ip_adapter.prepare(r, device=device, dtype=dtype))
@@ -35,14 +54,20 @@ def prepare_units(resolved: Sequence, *, device, dtype) -> Contributions:
             out.prompts.append(c.prompt)
             if c.lora is not None:
                 out.loras.append(c.lora)
+        elif family == instantid.FAMILY:
+            c = instantid.prepare(r, device=device, dtype=dtype, unet=unet)
+            out.prompts.append(c.prompt)
+            if c.control is not None:
+                out.controls.append(c.control)
         else:
             raise UnitError(r.number, "model", f"model '{r.model.name}' is {family}, which this version cannot run yet; "
-                            "choose an IP-Adapter or IP-Adapter FaceID model (InstantID and PhotoMaker are coming)")
+                            "choose an IP-Adapter, IP-Adapter FaceID or InstantID model (PhotoMaker is coming)")
     return out
 
 
 def release() -> None:
-    """Forget loaded adapters (script unload)."""
-    from . import ip_adapter
+    """Forget loaded adapters and IdentityNets (script unload)."""
+    from . import instantid, ip_adapter
 
     ip_adapter.release()
+    instantid.release()

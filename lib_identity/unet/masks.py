@@ -113,3 +113,12 @@ class RegionMask:
             found = resize_mask(self.mask, h, w).reshape(1, n_tokens, 1).to(device=device, dtype=dtype)
             self._cache[key] = found
         return found
+
+    def for_map(self, h: int, w: int, device, dtype) -> torch.Tensor:
+        """The mask over an ``h × w`` feature map, shaped ``[1, 1, h, w]`` (control residuals)."""
+        key = ("map", h, w, device, dtype)
+        found = self._cache.get(key)
+        if found is None:
+            found = resize_mask(self.mask, h, w)[None, None].to(device=device, dtype=dtype)
+            self._cache[key] = found
+        return found

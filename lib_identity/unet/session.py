@@ -22,12 +22,17 @@ A unit may also bring a LoRA on the attention projections (FaceID files carry on
 ``PatchSession(unet, prompts, loras=[AttentionLoRA(...)])``. Its forward hooks (``lora.py``) are
 installed and removed with the others, by their handles, in the same ``install``/``remove``.
 
+Control residuals (InstantID's IdentityNet, ``control.py``) come the same way:
+``PatchSession(unet, prompts, controls=[Control(...)])`` adds hooks on the UNet, its
+``middle_block`` and its ``output_blocks``, installed and removed with the others.
+
 A forward pre-hook on the UNet itself records each call's batch (for ``CondRows``) and latent
 size (for masks). Callers that run the UNet through something else can pass
 ``track_calls=False`` and call ``begin_call(x)`` themselves.
 
 Per denoiser step the caller reports ``begin_step(n_cond, progress)`` (the WebUI glue:
-``on_cfg_denoiser`` with ``params.text_cond.shape[0]`` and ``denoiser.step / total_steps``).
+``on_cfg_denoiser`` with ``params.text_cond.shape[0]`` and ``denoiser.step / total_steps``, and
+``total_steps`` for the controls' official step window).
 
 Sessions register themselves by owner. ``install()`` first removes every session of the same
 owner still installed (one left over by a run that raised or was interrupted);
@@ -42,6 +47,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .control import Control, ControlHooks
 from .image_prompt import ImagePrompt, PreparedPrompt
 from .layers import CrossAttentionLayer, find_cross_attentions
 from .lora import AttentionLoRA, PreparedLoRA, prepare_loras
@@ -145,26 +151,31 @@ class PatchSession:
     """Image prompts applied to one UNet until ``remove()``; see the module docstring.
 
     ``unet`` is the ldm/sgm UNetModel (A1111: ``shared.sd_model.model.diffusion_model``),
-    ``prompts`` the units' ``ImagePrompt``s, ``loras`` their ``AttentionLoRA``s (FaceID). Use it
+    ``prompts`` the units' ``ImagePrompt``s, ``loras`` their ``AttentionLoRA``s (FaceID),
+    ``controls`` their ``Control``s (InstantID's IdentityNet). Use it
     as a context manager, or call ``install()`` and ``remove()``. Everything a unit got wrong
     raises ``PatchError`` from ``install()``, before the UNet is touched.
     """
 
     def __init__(self, unet: torch.nn.Module, prompts: Sequence[ImagePrompt], *,
-                 owner: str = DEFAULT_OWNER, track_calls: bool = True, loras: Sequence[AttentionLoRA] = ()):
+                 owner: str = DEFAULT_OWNER, track_calls: bool = True, loras: Sequence[AttentionLoRA] = (),
+                 controls: Sequence[Control] = ()):
         self.unet = unet
         self.prompts = list(prompts)
         self.loras = [lora for lora in loras if lora is not None]
+        self.controls = [c for c in controls if c is not None]
         self.owner = owner
         self.track_calls = track_calls
         self.rows = CondRows()
         self.progress: Optional[float] = None
+        self.total_steps: Optional[int] = None
         self.latent_hw = None
         self.layers: List[CrossAttentionLayer] = []
         self.prepared: List[PreparedPrompt] = []
         self._patches: List[_LayerPatch] = []
         self._loras: List[PreparedLoRA] = []
         self._unet_handle = None
+        self._control_hooks: Optional[ControlHooks] = None
         self._installed = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -181,6 +192,7 @@ class PatchSession:
         layers = find_cross_attentions(self.unet)
         prepared = [PreparedPrompt(p, layers) for p in self.prompts]
         loras = prepare_loras(self.unet, layers, self.loras)
+        control_hooks = ControlHooks(self, self.unet, self.controls) if self.controls else None
         self.layers, self.prepared = layers, prepared
         try:
             for lora in loras:
@@ -195,6 +207,9 @@ class PatchSession:
                     self._patches.append(patch)
             if self.track_calls:
                 self._unet_handle = self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
+            if control_hooks is not None:  # after the call tracking: the controls read its cond rows
+                self._control_hooks = control_hooks
+                control_hooks.install()
         except Exception:
             self._remove_hooks()
             raise
@@ -224,6 +239,9 @@ class PatchSession:
         if self._unet_handle is not None:
             self._unet_handle.remove()
             self._unet_handle = None
+        if self._control_hooks is not None:
+            self._control_hooks.remove()
+            self._control_hooks = None
 
     def __enter__(self) -> "PatchSession":
         return self.install()
@@ -235,13 +253,16 @@ class PatchSession:
     # ----------------------------------------------------------------- per step / per call
 
     def begin_step(self, n_cond: Optional[int] = None, progress: Optional[float] = None,
-                   n_rows: Optional[int] = None) -> None:
-        """A denoiser step: ``n_cond`` leading cond rows (of ``n_rows``), at ``progress`` in 0..1.
+                   n_rows: Optional[int] = None, total_steps: Optional[int] = None) -> None:
+        """A denoiser step: ``n_cond`` leading cond rows (of ``n_rows``), at ``progress`` in 0..1
+        (step ``i`` of ``total_steps``: ``i / total_steps``).
 
         ``None`` for ``n_cond``: every row is a cond row; for ``progress``: every unit is active.
+        ``total_steps`` lets controls apply the official window (``(i+1)/n <= end``).
         """
         self.rows.begin_step(n_cond, n_rows)
         self.progress = progress
+        self.total_steps = total_steps
 
     def begin_call(self, x: torch.Tensor) -> int:
         """A UNet call on ``x [B, C, H, W]``: done by the session's own pre-hook unless

@@ -45,6 +45,7 @@ METHOD_OF_FAMILY = {
 ATTENTION_METHODS = ("ip-adapter", "faceid", "instantid")  # the ones that add image tokens to cross-attention
 CLIP_METHODS = ("ip-adapter", "photomaker")  # the ones that fit whole pictures to a CLIP encoder
 FACE_METHODS = ("faceid", "instantid", "photomaker")  # the ones that start from insightface's faces
+NOT_INSTANTID = ("ip-adapter", "faceid", "photomaker")  # InstantID: ip_weight and identitynet_weight, not weight; its faces are averaged
 S_SCALE_RANGE = (0.0, 3.0)
 LORA_WEIGHT_RANGE = (0.0, 2.0)
 
@@ -98,13 +99,13 @@ FIELDS: Tuple[FieldSpec, ...] = (
               "Image weights (one per image)", "textbox", "combine", visible_if=("combine", WEIGHTED),
               infotext="image weights", record=lambda u: u.combine == WEIGHTED),
     FieldSpec("weight", 1.0, Number(*WEIGHT_RANGE), "strength of the unit; negative pushes away from the reference",
-              "Weight", "slider", "strength", step=0.05, infotext="weight", axis=True),
+              "Weight", "slider", "strength", step=0.05, infotext="weight", axis=True, methods=NOT_INSTANTID),
     FieldSpec("start", 0.0, Number(0.0, 1.0), "fraction of the sampling steps where the unit starts acting",
               "Start (fraction of steps)", "slider", "strength", step=0.01, infotext="start", axis=True),
     FieldSpec("end", 1.0, Number(0.0, 1.0), "fraction of the sampling steps where it stops (after start)",
               "End (fraction of steps)", "slider", "strength", step=0.01, infotext="end", axis=True),
     FieldSpec("combine", "average", Choice(COMBINE_MODES), "how several reference images are combined",
-              "Several images", "radio", "combine", infotext="combine", axis=True),
+              "Several images", "radio", "combine", infotext="combine", axis=True, methods=NOT_INSTANTID),
     FieldSpec("preparation", "crop", Choice(PREPARATIONS), "how a reference image is fitted to the encoder's square input",
               "Fit to the encoder's square", "radio", "fit", infotext="preparation", methods=CLIP_METHODS),
     FieldSpec("crop_position", "center", Choice(CROP_POSITIONS), "which part a 'crop' preparation keeps",
@@ -139,6 +140,32 @@ FIELDS: Tuple[FieldSpec, ...] = (
     FieldSpec("lora_weight", 1.0, Number(*LORA_WEIGHT_RANGE), "FaceID: strength of the LoRA inside the FaceID file "
               "(0 turns it off; files without one ignore it)", "FaceID LoRA weight", "slider", "faceid", step=0.05,
               infotext="lora weight", record=_unless_default("lora_weight", 1.0), axis=True, methods=("faceid",)),
+    # InstantID (appended: positional callers keep working)
+    FieldSpec("ip_weight", 0.8, Number(*WEIGHT_RANGE), "InstantID: strength of the face tokens in cross-attention "
+              "(the Image Adapter); it acts between start and end", "Image Adapter weight", "slider", "instantid",
+              step=0.05, infotext="ip weight", record=_unless_default("ip_weight", 0.8), axis=True, methods=("instantid",)),
+    FieldSpec("identitynet_weight", 0.8, Number(0.0, 2.0), "InstantID: strength of IdentityNet, the ControlNet that "
+              "holds the face's keypoints and identity (0 turns it off)", "IdentityNet weight", "slider", "instantid",
+              step=0.05, infotext="identitynet weight", record=_unless_default("identitynet_weight", 0.8), axis=True,
+              methods=("instantid",)),
+    FieldSpec("identitynet_start", 0.0, Number(0.0, 1.0), "InstantID: fraction of the steps where IdentityNet starts "
+              "(the official control_guidance_start)", "IdentityNet start", "slider", "instantid window", step=0.01,
+              infotext="identitynet start", record=_unless_default("identitynet_start", 0.0), methods=("instantid",)),
+    FieldSpec("identitynet_end", 1.0, Number(0.0, 1.0), "InstantID: fraction of the steps where IdentityNet stops "
+              "(the official control_guidance_end)", "IdentityNet end", "slider", "instantid window", step=0.01,
+              infotext="identitynet end", record=_unless_default("identitynet_end", 1.0), methods=("instantid",)),
+    FieldSpec("pose_image", None, OneImage(mask=False), "InstantID: a picture whose face sets the pose (its keypoints, "
+              "moved into the frame); without it the first reference picture's face does", "Pose picture (optional)",
+              "image", "instantid pose", infotext="pose image", record=lambda u: u.pose_image is not None, picture=True,
+              overridable=False, methods=("instantid",)),
+    FieldSpec("uncond_noise", 0.0, Number(0.0, 1.0), "InstantID: noise in the negative side's face embedding "
+              "(0: the official zero embedding; ComfyUI_InstantID suggests 0.35)", "Negative noise", "slider",
+              "instantid pose", step=0.05, infotext="uncond noise", record=_unless_default("uncond_noise", 0.0),
+              methods=("instantid",)),
+    FieldSpec("via_controlnet", False, Bool(), "InstantID: run IdentityNet and the Image Adapter as units of the "
+              "ControlNet extension (sd-webui-controlnet 1.1.440+) instead of natively", "Through the ControlNet extension",
+              "checkbox", "instantid pose", infotext="via controlnet", record=lambda u: bool(u.via_controlnet),
+              methods=("instantid",)),
 )
 
 SPECS: Dict[str, FieldSpec] = {f.name: f for f in FIELDS}

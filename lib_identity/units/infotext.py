@@ -66,12 +66,15 @@ def _text(value) -> str:
     return str(value)
 
 
-def format_unit(unit: Unit, model_title: Optional[str] = None) -> str:
+def format_unit(unit: Unit, model_title: Optional[str] = None, method: Optional[str] = None) -> str:
     """The infotext value of one unit (before the WebUI's own quoting): the field table's keys in its
-    order, each where its ``record`` rule says so; pictures (as content hashes) last."""
+    order, each where its ``record`` rule says so; pictures (as content hashes) last. With the
+    unit's ``method`` known, fields that method does not use are left out."""
     pairs, pictures = [], []
     for spec in FIELDS:
         if spec.infotext is None or (spec.record is not None and not spec.record(unit)):
+            continue
+        if method is not None and method not in spec.methods:
             continue
         value = getattr(unit, spec.name)
         if spec.name == "model":
@@ -88,23 +91,26 @@ def format_unit(unit: Unit, model_title: Optional[str] = None) -> str:
     return ", ".join(f"{k}: {_quote(v)}" for k, v in pairs + pictures)
 
 
-def units_to_infotext(units: Sequence[Unit], *, model_titles: Optional[Mapping[int, str]] = None) -> Dict[str, str]:
+def units_to_infotext(units: Sequence[Unit], *, model_titles: Optional[Mapping[int, str]] = None,
+                      methods: Optional[Mapping[int, str]] = None) -> Dict[str, str]:
     """``{"Identity N": value}`` for each enabled unit, N its 1-based position.
 
     ``model_titles`` (unit number -> "name [hash]", e.g. from ``validate_for_run``) records the
-    model's hash when the unit named the model without one.
+    model's hash when the unit named the model without one; ``methods`` (unit number -> method)
+    leaves out the fields a unit's method does not use.
     """
-    titles = model_titles or {}
-    return {infotext_key(n): format_unit(u, titles.get(n)) for n, u in enumerate(units, 1) if u.enabled}
+    titles, kinds = model_titles or {}, methods or {}
+    return {infotext_key(n): format_unit(u, titles.get(n), kinds.get(n)) for n, u in enumerate(units, 1) if u.enabled}
 
 
-def write_infotext(params: MutableMapping, units: Sequence[Unit], *, model_titles: Optional[Mapping[int, str]] = None) -> None:
+def write_infotext(params: MutableMapping, units: Sequence[Unit], *, model_titles: Optional[Mapping[int, str]] = None,
+                   methods: Optional[Mapping[int, str]] = None) -> None:
     """Replace every ``Identity N`` key in ``params`` (``p.extra_generation_params``) with the
     current units' entries. X/Y/Z cells share that dict, so keys of units that are off in this
     cell must go, not linger from the previous cell."""
     for key in [k for k in params if isinstance(k, str) and _KEY.match(k)]:
         del params[key]
-    params.update(units_to_infotext(units, model_titles=model_titles))
+    params.update(units_to_infotext(units, model_titles=model_titles, methods=methods))
 
 
 def _unquote(text: str) -> str:

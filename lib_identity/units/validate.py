@@ -99,6 +99,12 @@ def validate_for_run(
                 number, "model",
                 f"model '{entry.name}' is {what}, which the unit's model finds by itself; choose an IP-Adapter, FaceID, InstantID or PhotoMaker model",
             )
+        if base and info.family == "instantid-adapter" and base != "sdxl":
+            raise UnitError(
+                number, "model",
+                f"InstantID runs on SDXL checkpoints only and the loaded checkpoint is {BASE_NAMES.get(base, base)}; "
+                "load an SDXL checkpoint to use it",
+            )
         if base and info.base and info.base != base:
             raise UnitError(
                 number, "model",

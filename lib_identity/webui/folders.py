@@ -38,19 +38,32 @@ def webui_root() -> str:
     return getattr(paths, "data_path", None) or os.path.dirname(paths.models_path)
 
 
+def _roots() -> List[str]:
+    """Folders paths are shown from: the one above ``models`` first (``--models-dir`` may sit apart
+    from ``--data-dir``), then the data folder and the WebUI's own."""
+    from modules import paths
+
+    found = []
+    for p in (os.path.dirname(paths.models_path), webui_root(), getattr(paths, "script_path", None)):
+        if p and os.path.abspath(p) not in found:
+            found.append(os.path.abspath(p))
+    return found
+
+
 def shown(path: str) -> str:
     """A folder as the user knows it: ``models/ipadapter`` inside the WebUI's folder, else the full path."""
-    root = os.path.abspath(webui_root())
     full = os.path.abspath(path)
-    if full == root or not full.startswith(root + os.sep):
-        return path
-    return os.path.relpath(full, root).replace(os.sep, "/")
+    for root in _roots():
+        if full.startswith(root + os.sep):
+            return os.path.relpath(full, root).replace(os.sep, "/")
+    return path
 
 
 def shorten(text: str) -> str:
-    """``text`` with every path inside the WebUI's folder written relative to it (for status lines)."""
-    root = os.path.abspath(webui_root())
-    return text.replace(root + os.sep, "") if root else text
+    """``text`` with every path inside the WebUI's folders written relative to them (for status lines)."""
+    for root in _roots():
+        text = text.replace(root + os.sep, "")
+    return text
 
 
 def list_models(refresh: bool = False):

@@ -73,7 +73,31 @@ def find_encoder_for_run(need: str):
         return find_encoder(need, folders.model_folders())
     if need.startswith("insightface:"):
         return folders.find_face_pack(face_pack_name(need.split(":", 1)[1]))
+    if need == "instantid-identitynet":
+        return find_identitynet(folders.list_models())
     raise IdentityError(U.ENCODER_HELP.get(need, "not supported in this version"))
+
+
+def find_identitynet(entries) -> str:
+    """The IdentityNet among the discovered models (a diffusers folder or one .safetensors, any name).
+
+    IdentityNet has the common SDXL ControlNet architecture, so its weights do not tell it from
+    other SDXL ControlNets: a file whose path names InstantID or IdentityNet comes first; without
+    one, the only SDXL ControlNet found is used; several unnamed ones are not guessed between.
+    """
+    found = [e for e in entries if e.info is not None and e.info.family == "instantid-identitynet"]
+    if not found:
+        raise IdentityError(U.ENCODER_HELP["instantid-identitynet"] + " (a folder with config.json and "
+                            "diffusion_pytorch_model.safetensors, or one .safetensors file, also in models/instantid)")
+    named = [e for e in found if any(w in e.path.lower().replace("_", "").replace("-", "")
+                                     for w in ("instantid", "identitynet"))]
+    if named:
+        return named[0].path
+    if len(found) == 1:
+        return found[0].path
+    listed = ", ".join(e.name for e in found[:6])
+    raise IdentityError(f"several SDXL ControlNets were found ({listed}) and none is named as InstantID's IdentityNet; "
+                        "put 'instantid' in the IdentityNet's file or folder name, or move it to models/instantid")
 
 
 def face_pack_name(official: str) -> str:

@@ -39,6 +39,7 @@ class _State:
         self.gate = None  # hook handle on sd_model.model that raises the pending error
         self.error: Optional[BaseException] = None
         self.cfg_callback = None
+        self.pending: Optional[BaseException] = None  # found in before_process; raised from process
         self.parts = None  # methods.Contributions of this run, prepared once (first encoding or first pass)
 
 
@@ -100,17 +101,43 @@ def units_for(p, args) -> List[U.Unit]:
     return units
 
 
+def before_process(p, args):
+    """``Script.before_process``: units that run through the ControlNet extension get its units
+    now, before the extension reads them in its own ``process`` (``controlnet_bridge``)."""
+    from . import controlnet_bridge
+
+    controlnet_bridge.restore()  # slots of a generation that never reached postprocess
+    state.pending = None
+    try:
+        units = units_for(p, args)
+        if any(u.enabled and controlnet_bridge.runs_through_controlnet(u) for u in units):
+            controlnet_bridge.apply(p, lookup.resolve_units(units, lookup.loaded_base()))
+    except IdentityError as e:
+        state.pending = e  # process() starts by cleaning up: it raises this afterwards
+
+
+def before_batch(p):
+    """``Script.before_process_batch``: the extension has written its infotext by now."""
+    from . import controlnet_bridge
+
+    controlnet_bridge.forget_infotext(p)
+
+
 def process(p, args):
     """``Script.process``: parse, check, write infotext. Nothing heavy happens before sampling."""
     cleanup()
     try:
+        if state.pending is not None:
+            pending, state.pending = state.pending, None
+            raise pending
         units = units_for(p, args)
         if not any(u.enabled for u in units):
             write_infotext(p.extra_generation_params, [])
             return
         resolved = lookup.resolve_units(units, lookup.loaded_base())
         titles = {r.number: r.unit.model for r in resolved}
-        write_infotext(p.extra_generation_params, units, model_titles=titles)
+        methods = {r.number: U.METHOD_OF_FAMILY.get(r.model.info.family) for r in resolved}
+        write_infotext(p.extra_generation_params, units, model_titles=titles, methods=methods)
         state.resolved = resolved
         _remove_when_sampling_ends(p)
         if any(r.model.info.family == "photomaker" for r in resolved):
@@ -153,7 +180,8 @@ def _prepared(p):
         set_offload_policy(settings.option("identity_encoder_offload"))
         default_cache().resize(max(0, int(settings.option("identity_cache_size"))))
         default_face_cache().resize(max(0, int(settings.option("identity_cache_size"))))
-        state.parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet)
+        unet = p.sd_model.model.diffusion_model  # InstantID builds IdentityNet from its classes
+        state.parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet, unet=unet)
     return state.parts
 
 
@@ -184,15 +212,16 @@ def before_sampling(p):
             state.session = None
         parts = _prepared(p)
         unet = p.sd_model.model.diffusion_model
-        session = PatchSession(unet, parts.prompts, owner=OWNER, loras=parts.loras).install()
+        session = PatchSession(unet, parts.prompts, owner=OWNER, loras=parts.loras, controls=parts.controls).install()
         state.session = session
 
         def on_cfg_denoiser(params):
             denoiser = params.denoiser
-            progress = None
+            progress = total = None
             if denoiser is not None and getattr(denoiser, "total_steps", None):
-                progress = denoiser.step / denoiser.total_steps
-            session.begin_step(_cond_rows(params.text_cond), progress, n_rows=int(params.x.shape[0]))
+                total = int(denoiser.total_steps)
+                progress = denoiser.step / total
+            session.begin_step(_cond_rows(params.text_cond), progress, n_rows=int(params.x.shape[0]), total_steps=total)
 
         if state.cfg_callback is not None:
             script_callbacks.remove_callbacks_for_function(state.cfg_callback)
@@ -220,5 +249,8 @@ def end_pass(p):
 
 
 def finish(p):
-    """``Script.postprocess``."""
+    """``Script.postprocess``: also gives the ControlNet slots back."""
+    from . import controlnet_bridge
+
     cleanup()
+    controlnet_bridge.restore(p)

@@ -21,8 +21,14 @@ class IdentityScript:
 
         return ui.build(self, is_img2img)
 
+    def before_process(self, p, *args):
+        runtime.before_process(p, args)
+
     def process(self, p, *args):
         runtime.process(p, args)
+
+    def before_process_batch(self, p, *args, **kwargs):
+        runtime.before_batch(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         runtime.before_sampling(p)
@@ -38,7 +44,7 @@ def register_callbacks():
     """Called each time the WebUI executes ``scripts/identity.py`` (it clears callbacks on reload)."""
     from modules import script_callbacks
 
-    from . import api, settings, xyz
+    from . import api, controlnet_bridge, settings, xyz
     from ..units import expand_infotext
 
     def on_infotext_pasted(infotext, params):
@@ -51,6 +57,7 @@ def register_callbacks():
 
         release_encoders()
         methods.release()
+        controlnet_bridge.restore()
 
     def on_model_loaded(sd_model):
         runtime.cleanup()
@@ -63,6 +70,10 @@ def register_callbacks():
     script_callbacks.on_script_unloaded(on_unloaded)
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_before_ui(xyz.register)
+    # our face preprocessors for the ControlNet extension's units: now if it has loaded already,
+    # else before the UI is built (its dropdowns are made from its registry then)
+    controlnet_bridge.register_preprocessors()
+    script_callbacks.on_before_ui(controlnet_bridge.register_preprocessors)
 
 
 def _read_bin_files_with_torch_load():

@@ -71,7 +71,17 @@ def model_status(model_title: str) -> str:
             step = U.ENCODER_HELP.get(need, f"needs {name}")
             first.append(f'⚠ <span title="{_attr(folders.shorten(where))}">{step}, then press 🔄</span>')
     parts += [f"note: {h}" for h in info.hints]
-    return folders.shorten(" · ".join(first + parts))
+    if info.family == "instantid-adapter":
+        parts.append(_controlnet_names(entry.path))
+    return folders.shorten(" · ".join(p for p in first + parts if p))
+
+
+def _controlnet_names(adapter_path: str) -> str:
+    """Whether the ControlNet extension (when installed) would take these files as InstantID."""
+    from . import controlnet_bridge
+
+    found, identitynet = lookup.find_encoder_status(controlnet_bridge.IDENTITYNET)
+    return controlnet_bridge.names_status(adapter_path, identitynet if found else None)
 
 
 def build(script, is_img2img: bool):
