@@ -64,8 +64,14 @@ def b64(img) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _get_conds_with_caching(function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
+    # the WebUI's signature (StableDiffusionProcessing.get_conds_with_caching), without its cache
+    return function(None, required_prompts, steps, hires_steps)
+
+
 def new_p(model, sample):
-    return SimpleNamespace(sd_model=model, extra_generation_params={}, sample=sample)
+    return SimpleNamespace(sd_model=model, extra_generation_params={}, sample=sample,
+                           get_conds_with_caching=_get_conds_with_caching)
 
 
 def denoise(env, x, t, c, n_cond, step=0, total_steps=3):

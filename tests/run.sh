@@ -38,6 +38,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
   # insightface's metadata asks for the GUI opencv and onnx's for protobuf>=4.25.1; neither is needed
   "$VENV/bin/python" -m pip install -q --no-deps insightface==2.1 onnx==1.18.0
+  # only for the CLIP BPE vocabulary it ships (the WebUI's version); its torchvision is not needed
+  "$VENV/bin/python" -m pip install -q --no-deps open-clip-torch==2.20.0
   echo "$want" > "$stamp"
 fi
 exec "$VENV/bin/python" -m pytest -q "$@"

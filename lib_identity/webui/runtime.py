@@ -5,6 +5,10 @@ The WebUI catches exceptions from script hooks and goes on without the script, w
 an image without the identity. So a problem found in a hook is kept as ``pending error`` and a
 pre-hook on the model wrapper (``p.sd_model.model``) raises it at the first UNet call: the
 generation stops with the message (red text in the UI, the ``errors`` field of an API error).
+
+The units are prepared once per run (``_prepared``): at the first prompt encoding when a
+PhotoMaker unit acts in the prompt (``prompt_hook``, inside ``setup_conds``, where an error
+stops the run directly), otherwise at the first sampling pass.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from .. import units as U
 from ..errors import IdentityError
 from ..unet import PatchSession, remove_sessions
 from ..units import write_infotext
-from . import likeness, lookup, settings
+from . import likeness, lookup, prompt_hook, settings
 
 log = logging.getLogger("sd-webui-identity")
 
@@ -36,6 +40,7 @@ class _State:
         self.error: Optional[BaseException] = None
         self.cfg_callback = None
         self.pending: Optional[BaseException] = None  # found in before_process; raised from process
+        self.parts = None  # methods.Contributions of this run, prepared once (first encoding or first pass)
 
 
 state = _State()
@@ -72,6 +77,7 @@ def cleanup():
             state.gate = None
         state.error = None
         state.resolved = []
+        state.parts = None
     likeness.stop()
 
 
@@ -145,6 +151,8 @@ def process(p, args):
                        model_titles=titles, methods=methods)
         state.resolved = resolved
         _remove_when_sampling_ends(p)
+        if any(r.model.info.family == "photomaker" for r in resolved):
+            prompt_hook.install(p, lambda: _prompt_identities(p))
     except IdentityError as e:
         write_infotext(p.extra_generation_params, [])
         _fail(p, e)
@@ -178,25 +186,51 @@ def _remove_when_sampling_ends(p):
     p.sample = sample_then_remove
 
 
+def _prepared(p):
+    """This run's contributions, prepared once: at the first prompt encoding when a unit acts in
+    the prompt (PhotoMaker), else at the first sampling pass; every pass installs the same."""
+    if state.parts is None:
+        from modules import devices
+
+        from ..encoders import default_cache, default_face_cache, set_offload_policy
+        from ..methods import prepare_units
+
+        set_offload_policy(settings.option("identity_encoder_offload"))
+        default_cache().resize(max(0, int(settings.option("identity_cache_size"))))
+        default_face_cache().resize(max(0, int(settings.option("identity_cache_size"))))
+        _identitynets().resize(int(settings.option("identity_identitynet_cache")))
+        unet = p.sd_model.model.diffusion_model  # InstantID builds IdentityNet from its classes
+        state.parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet, unet=unet)
+    return state.parts
+
+
+def _prompt_identities(p):
+    """The PhotoMaker units' ``PromptIdentity``s for the WebUI's prompt encoding (see ``prompt_hook``).
+
+    Called inside ``setup_conds``: an error raised here stops the run with its message."""
+    if not state.resolved or state.error is not None:
+        return []
+    try:
+        return list(_prepared(p).prompt_identities)
+    except IdentityError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the run must stop with the cause, not go on without the identity
+        log.exception("identity: preparing the units failed")
+        raise IdentityError(f"Identity: preparing the units failed: {type(e).__name__}: {e}") from e
+
+
 def before_sampling(p):
     """``Script.process_before_every_sampling`` (first pass, hires pass, img2img)."""
     if not state.resolved or state.error is not None:
         return
-    from modules import devices, script_callbacks
-
-    from ..encoders import default_cache, default_face_cache, set_offload_policy
-    from ..methods import prepare_units
+    from modules import script_callbacks
 
     try:
         if state.session is not None:
             state.session.remove()
             state.session = None
-        set_offload_policy(settings.option("identity_encoder_offload"))
-        default_cache().resize(max(0, int(settings.option("identity_cache_size"))))
-        default_face_cache().resize(max(0, int(settings.option("identity_cache_size"))))
-        _identitynets().resize(int(settings.option("identity_identitynet_cache")))
+        parts = _prepared(p)
         unet = p.sd_model.model.diffusion_model
-        parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet, unet=unet)
         session = PatchSession(unet, parts.prompts, owner=OWNER, loras=parts.loras, controls=parts.controls).install()
         state.session = session
 
