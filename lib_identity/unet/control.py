@@ -33,11 +33,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from ..errors import PatchError
-from .masks import RegionMask, check_mask
+from .masks import LATENT_SCALE, region_mask
 
 log = logging.getLogger(__name__)
-
-LATENT_SCALE = 8  # pixels per latent cell (SD1.5, SDXL)
 
 # hint: a ready [1 or B, 3, H, W] tensor in 0..1, or a maker (width, height) -> such a tensor / an HxWx3 uint8 array
 Hint = Union[torch.Tensor, Callable[[int, int], Any]]
@@ -57,7 +55,8 @@ class Control:
     * ``weight``: scales every residual (the official ``controlnet_conditioning_scale``).
     * ``start`` / ``end``: the step window as the official pipelines' ``control_guidance_start``
       / ``_end``: step ``i`` of ``n`` runs when ``i/n >= start`` and ``(i+1)/n <= end``.
-    * ``mask``: ``[H, W]`` in 0..1 restricting the residuals to a region, or ``None``.
+    * ``mask``: ``[H, W]`` in 0..1 restricting the residuals to a region, or a maker
+      ``mask(width, height) -> [height, width]`` drawn for each pass's frame, or ``None``.
     """
 
     module: torch.nn.Module
@@ -102,7 +101,7 @@ class PreparedControl:
             raise PatchError(f"{name}: uncond context {list(uncond.shape)} does not match cond context {list(cond.shape)}")
         self.contexts = torch.cat([cond, uncond])  # row 0 cond, row 1 uncond
         self.hint = control.hint
-        self.mask = None if control.mask is None else RegionMask(check_mask(control.mask, name))
+        self.mask = region_mask(control.mask, name)
         self._hints: Dict[tuple, torch.Tensor] = {}
         self._rows: Dict[tuple, torch.Tensor] = {}
         self.home: Optional[torch.device] = None  # where the module was before a pass moved it
@@ -267,7 +266,7 @@ class ControlHooks:
                 for i, r in enumerate(out):
                     r = r * c.weight
                     if c.mask is not None:
-                        r = r * c.mask.for_map(r.shape[-2], r.shape[-1], r.device, r.dtype)
+                        r = r * c.mask.for_map(r.shape[-2], r.shape[-1], r.device, r.dtype, (width, height))
                     if i < self.n_skips:
                         skips[i] = r if skips[i] is None else skips[i] + r
                     else:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..errors import PatchError
 from .layer_weights import LayerWeights, resolve_layer_weights
 from .layers import CrossAttentionLayer
-from .masks import RegionMask, check_mask
+from .masks import region_mask
 from .references import combine_references, normalise_mode
 
 
@@ -40,7 +40,8 @@ class ImagePrompt:
       active while ``start <= progress < end`` (``end == 1`` includes the last step).
     * ``layer_weights``: a preset name (``layer_weights.PRESETS``) or one multiplier per layer.
     * ``composition_weight``: the composition blocks' weight in the "style and composition" presets.
-    * ``mask``: ``[H, W]`` floats in 0..1 restricting the unit to part of the image, or ``None``.
+    * ``mask``: ``[H, W]`` floats in 0..1 restricting the unit to part of the image, or a maker
+      ``mask(width, height) -> [height, width]`` drawn for each pass's frame, or ``None``.
     * ``combine`` / ``reference_weights``: how several reference images combine
       (``references.COMBINE_MODES``).
     * ``name``: how errors refer to the unit ("unit 2").
@@ -142,7 +143,7 @@ class PreparedPrompt:
         self.layer_multipliers = resolve_layer_weights(
             prompt.layer_weights, layers, composition_weight=prompt.composition_weight, unit_name=name
         )
-        self.mask = None if prompt.mask is None else RegionMask(check_mask(prompt.mask, name))
+        self.mask = region_mask(prompt.mask, name)
         self._heads = {layer.ordinal: layer.heads for layer in layers}
         self._kv: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._rows: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}

@@ -10,17 +10,23 @@ ratio and odd sizes.
 The mask is stretched to each grid (the caller gives it the image's aspect ratio): ``area``
 interpolation when the grid is smaller in both directions, so every token gets the mean
 coverage of the pixels it stands for; bilinear (antialiased) otherwise.
+
+A mask can also be a maker, ``mask(width, height) -> [height, width]``, drawn for the frame of
+each pass (8 pixels per latent cell): InstantID's region around a face of the pose picture,
+placed in the frame as its keypoints are.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import PatchError
+
+LATENT_SCALE = 8  # pixels per latent cell (SD1.5, SDXL)
 
 
 def level_sizes(height: int, width: int, levels: int = 8) -> List[Tuple[int, int]]:
@@ -94,31 +100,60 @@ def check_mask(mask, unit_name: str) -> torch.Tensor:
 
 
 class RegionMask:
-    """One unit's mask, resized once per token grid, device and dtype."""
+    """One unit's mask, resized once per token grid, device and dtype.
 
-    def __init__(self, mask: torch.Tensor):
-        self.mask = mask
+    ``mask``: a checked ``[H, W]`` tensor (``check_mask``), or a maker ``(width, height) ->
+    [height, width]`` drawn for each pass's frame (checked when drawn)."""
+
+    def __init__(self, mask: Any, name: str = "unit"):
+        self.maker = mask if callable(mask) and not isinstance(mask, torch.Tensor) else None
+        self.mask = None if self.maker is not None else mask
+        self.name = name
+        self._frames: Dict[tuple, torch.Tensor] = {}
         self._cache: Dict[tuple, torch.Tensor] = {}
 
-    @property
-    def aspect(self) -> float:
-        return self.mask.shape[1] / self.mask.shape[0]
+    def at_frame(self, width: int, height: int) -> torch.Tensor:
+        """The ``[H, W]`` mask for a frame of ``width × height`` pixels (a fixed mask: itself)."""
+        if self.maker is None:
+            return self.mask
+        key = (int(width), int(height))
+        found = self._frames.get(key)
+        if found is None:
+            found = check_mask(self.maker(*key), self.name)
+            self._frames[key] = found
+        return found
 
     def for_tokens(self, n_tokens: int, latent_hw, device, dtype) -> torch.Tensor:
         """The mask over a layer's tokens, shaped ``[1, n_tokens, 1]`` to multiply its output."""
         key = (n_tokens, latent_hw, device, dtype)
         found = self._cache.get(key)
         if found is None:
-            h, w = token_grid(n_tokens, latent_hw, self.aspect)
-            found = resize_mask(self.mask, h, w).reshape(1, n_tokens, 1).to(device=device, dtype=dtype)
+            if self.maker is None:
+                mask = self.mask
+            else:  # drawn for the pass's frame; without a latent size, the grid's square frame
+                h, w = latent_hw if latent_hw is not None else token_grid(n_tokens, None)
+                mask = self.at_frame(w * LATENT_SCALE, h * LATENT_SCALE)
+            h, w = token_grid(n_tokens, latent_hw, mask.shape[1] / mask.shape[0])
+            found = resize_mask(mask, h, w).reshape(1, n_tokens, 1).to(device=device, dtype=dtype)
             self._cache[key] = found
         return found
 
-    def for_map(self, h: int, w: int, device, dtype) -> torch.Tensor:
-        """The mask over an ``h × w`` feature map, shaped ``[1, 1, h, w]`` (control residuals)."""
-        key = ("map", h, w, device, dtype)
+    def for_map(self, h: int, w: int, device, dtype, frame: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """The mask over an ``h × w`` feature map, shaped ``[1, 1, h, w]`` (control residuals);
+        ``frame``: the pass's (width, height) in pixels, for a maker."""
+        key = ("map", h, w, frame, device, dtype)
         found = self._cache.get(key)
         if found is None:
-            found = resize_mask(self.mask, h, w)[None, None].to(device=device, dtype=dtype)
+            width, height = frame if frame is not None else (w * LATENT_SCALE, h * LATENT_SCALE)
+            found = resize_mask(self.at_frame(width, height), h, w)[None, None].to(device=device, dtype=dtype)
             self._cache[key] = found
         return found
+
+
+def region_mask(mask: Any, unit_name: str) -> Optional[RegionMask]:
+    """A unit's mask (an array, or a maker ``(width, height) -> [height, width]``) as a ``RegionMask``."""
+    if mask is None:
+        return None
+    if callable(mask) and not isinstance(mask, torch.Tensor):
+        return RegionMask(mask, unit_name)
+    return RegionMask(check_mask(mask, unit_name), unit_name)
