@@ -44,8 +44,10 @@ def prepare_units(resolved: Sequence, *, device, dtype, unet=None) -> Contributi
     through the ControlNet extension are left out (``native_units``).
     """
     from . import faceid, instantid, ip_adapter, photomaker
+    from .pose_faces import pose_shares
 
     out = Contributions()
+    shares = pose_shares(resolved, instantid.FAMILY)  # every InstantID unit counts, natively run or not
     for r in native_units(resolved):
         family = r.model.info.family
         if family == "ip-adapter":
@@ -56,7 +58,7 @@ def prepare_units(resolved: Sequence, *, device, dtype, unet=None) -> Contributi
             if c.lora is not None:
                 out.loras.append(c.lora)
         elif family == instantid.FAMILY:
-            c = instantid.prepare(r, device=device, dtype=dtype, unet=unet)
+            c = instantid.prepare(r, device=device, dtype=dtype, unet=unet, pose_share=shares.get(r.number, (0, 1)))
             out.prompts.append(c.prompt)
             if c.control is not None:
                 out.controls.append(c.control)

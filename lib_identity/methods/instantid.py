@@ -12,7 +12,8 @@ The official recipe (InstantID ``pipeline_stable_diffusion_xl_instantid.py``, ``
   uncond rows;
 * IdentityNet's hint is the five keypoints drawn as ``draw_kps`` draws them, on the picture
   moved into the generation's frame; it is redrawn at every pass size (hires fix). A
-  ``pose_image`` gives the keypoints instead (its largest face);
+  ``pose_image`` gives the keypoints instead: the face its ``pose_face`` picks, and with several
+  faces in it (and no mask) that face's region (``pose_faces``: several people in one image);
 * IdentityNet's residuals are scaled by ``identitynet_weight`` in its own step window
   (``identitynet_start``/``_end``, the official ``control_guidance_start``/``_end``).
 """
@@ -45,13 +46,15 @@ class InstantIDContribution:
     """One InstantID unit: ``PatchSession(unet, [c.prompt], controls=[c.control])``.
 
     ``control`` is ``None`` when the unit runs without IdentityNet (weight 0). ``faces`` are the
-    faces used (one per picture), ``pose_face`` the pose picture's when one was given.
+    faces used (one per picture), ``pose_face`` the pose picture's when one was given, ``region``
+    the unit's region around it (``pose_faces.face_region``) when one was made.
     """
 
     prompt: ImagePrompt
     control: Optional[Control] = None
     faces: List[Any] = field(default_factory=list)
     pose_face: Any = None
+    region: Any = None
 
 
 def raw_embedding(embeddings, name: str = "unit") -> torch.Tensor:
@@ -128,26 +131,32 @@ def instantid_parts(image_proj: torch.nn.Module, ip_layers, embeddings, *, ident
 
 
 def from_pictures(image_proj: torch.nn.Module, ip_layers, images, *, pack_dir, face="largest", pose_image=None,
-                  unit_number: Optional[int] = None, name: str = "unit", **parts) -> InstantIDContribution:
+                  pose_choice="auto", pose_share: Tuple[int, int] = (0, 1), unit_number: Optional[int] = None,
+                  name: str = "unit", **parts) -> InstantIDContribution:
     """An InstantID unit from ID pictures: one face each (``face``: "largest", an index or a box),
     averaged raw embeddings; the keypoints of the first picture's face, or of the pose picture's
-    largest face."""
+    face that ``pose_choice`` picks (the unit's ``pose_face``; ``pose_share``: the unit's place
+    among the units sharing the pose picture and their count, for "auto"). With several faces in
+    the pose picture and no ``mask``, that face's region is the unit's mask."""
     from ..encoders import faces as face_analysis
     from .faceid import pick_faces
+    from .pose_faces import face_region, pick_pose_face
 
     images = list(images)
     if not images:
         raise PatchError(f"{name}: an InstantID unit needs at least one picture with a face")
     faces = pick_faces(images, pack_dir, face, unit_number=unit_number)
-    pose_face = None
+    pose_face = region = None
     keypoints, source = faces[0].keypoints, images[0].size
     if pose_image is not None:
         found = face_analysis.analyse_faces(pose_image, pack_dir)
-        pose_face = face_analysis.pick_face(found, "largest", unit_number=unit_number, image_label="the pose picture")
+        pose_face = pick_pose_face(found, pose_choice, pose_share, unit_number=unit_number)
         keypoints, source = pose_face.keypoints, pose_image.size
+        if len(found) > 1 and parts.get("mask") is None:
+            region = parts["mask"] = face_region(pose_face.box, pose_image.size, name=name)
     contribution = instantid_parts(image_proj, ip_layers, [f.embedding for f in faces], keypoints=keypoints,
                                    source_size=source, name=name, **parts)
-    contribution.faces, contribution.pose_face = faces, pose_face
+    contribution.faces, contribution.pose_face, contribution.region = faces, pose_face, region
     return contribution
 
 
@@ -169,8 +178,10 @@ def unet_home(unet: torch.nn.Module, device) -> torch.device:
     return first.device if first is not None else torch.device(device)
 
 
-def prepare(resolved, *, device, dtype, unet=None) -> InstantIDContribution:
-    """One validated InstantID unit (``units.ResolvedUnit``) for ``unet`` on ``device``/``dtype``."""
+def prepare(resolved, *, device, dtype, unet=None, pose_share: Tuple[int, int] = (0, 1)) -> InstantIDContribution:
+    """One validated InstantID unit (``units.ResolvedUnit``) for ``unet`` on ``device``/``dtype``;
+    ``pose_share``: its place among the units sharing its pose picture, and their count
+    (``pose_faces.pose_shares``)."""
     from .ip_adapter import _layer_weights, _mask_tensor
 
     unit, entry, number = resolved.unit, resolved.model, resolved.number
@@ -193,7 +204,7 @@ def prepare(resolved, *, device, dtype, unet=None) -> InstantIDContribution:
     image_proj, ip_layers = adapters.get(info, entry.path)
     return from_pictures(
         image_proj, ip_layers, list(unit.images), pack_dir=pack, face=unit.face, pose_image=unit.pose_image,
-        unit_number=number, name=name, identitynet=identitynet, ip_weight=unit.ip_weight,
+        pose_choice=unit.pose_face, pose_share=pose_share, unit_number=number, name=name, identitynet=identitynet, ip_weight=unit.ip_weight,
         identitynet_weight=unit.identitynet_weight, identitynet_start=unit.identitynet_start,
         identitynet_end=unit.identitynet_end, uncond_noise=unit.uncond_noise, mask=_mask_tensor(unit.mask),
         device=device, dtype=dtype, start=unit.start, end=unit.end, layer_weights=_layer_weights(unit),

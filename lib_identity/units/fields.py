@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..formats import CROSS_ATTENTION_LAYERS
 from ..unet.layer_weights import PRESETS
 from ..unet.references import COMBINE_MODES as REFERENCE_COMBINE_MODES
-from .parsers import MAX_IMAGES, Bool, Choice, FaceChoice, Images, ModelName, Number, Numbers, OneImage, Word
+from .parsers import MAX_IMAGES, Bool, Choice, FaceChoice, Images, ModelName, Number, Numbers, OneImage, PoseFace, Word
 
 # The layer-weight presets and combine modes are named where they are implemented, so the UI,
 # the API, infotext and X/Y/Z offer exactly what the UNet code does.
@@ -183,6 +183,11 @@ FIELDS: Tuple[FieldSpec, ...] = (
               "word that takes the identity ('a photo of a man img'); it is removed from the text",
               "Trigger word (after the class word: 'a man img')", "textbox", "photomaker", infotext="trigger",
               record=_unless_default("trigger", "img"), recorded_for=("photomaker",), methods=("photomaker",)),
+    # Several people in one image (issue 11, part 3; appended, same reason)
+    FieldSpec("pose_face", "auto", PoseFace(), "InstantID: which face of the pose picture sets the unit's keypoints. "
+              "With several faces there and no mask, that face's box, grown by a quarter of its size on each side, is the "
+              "unit's region", "Face of the pose picture (from the left)", "dropdown", "instantid pose face",
+              infotext="pose face", record=_unless_default("pose_face", "auto"), axis=True, methods=("instantid",)),
 )
 
 SPECS: Dict[str, FieldSpec] = {f.name: f for f in FIELDS}

@@ -216,7 +216,7 @@ def ui_value(field: str, value):
     """A restored field value as the accordion's component shows it (lists as "1, 0.5" text)."""
     if field in ("layer_weights", "image_weights"):
         return "" if not value else _numbers(value, ", ")
-    if field == "face":
+    if field in ("face", "pose_face"):
         return ", ".join(fmt_number(x) for x in value) if isinstance(value, tuple) else str(value)
     return value
 

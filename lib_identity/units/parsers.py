@@ -216,6 +216,33 @@ class FaceChoice:
         return tuple(box)
 
 
+class PoseFace(Choice):
+    """Which face of InstantID's pose picture: ``"auto"``, ``"largest"`` or an index counted from
+    the left (0 = the leftmost face). The options (for the dropdown and the X/Y/Z axis) list the
+    first indexes; any index up to ``most_faces - 1`` is accepted."""
+
+    most_faces = 100
+
+    def __init__(self, listed: int = 8):
+        super().__init__(("auto", "largest") + tuple(str(i) for i in range(listed)))
+        self.expected = ("'auto' (the InstantID units sharing a pose picture take its faces from the left, in unit "
+                         "order; a unit alone takes the largest face), 'largest', or a face index counted from the "
+                         "left (0 = the leftmost face)")
+
+    def __call__(self, value, ctx):
+        if isinstance(value, str) and value.strip().lower() in ("auto", "largest"):
+            return value.strip().lower()
+        index = None
+        if isinstance(value, str) and value.strip().isdigit():
+            index = int(value.strip())
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_" \
+                and float(value).is_integer():
+            index = int(value)
+        if index is None or not 0 <= index < self.most_faces:
+            raise got(self.expected, value)
+        return index
+
+
 class ModelName:
     expected = "a model name as GET /identity/v1/models lists it (e.g. 'ip-adapter_sd15' or 'ip-adapter_sd15 [0123abcd]')"
 

@@ -152,6 +152,7 @@ def finish(values: dict, number: int, source: str, given: set, **extra) -> "Unit
     _layers_rule(v, number, source, given)
     _negative_rule(v, number, source, given)
     _image_weights_rule(v, number)
+    _pose_face_rule(v, number, source, given)
     return Unit(**v, **extra)
 
 
@@ -198,3 +199,12 @@ def _image_weights_rule(v: dict, number: int) -> None:
     if v["combine"] == WEIGHTED and n and not any(w):
         raise UnitError(number, "image_weights", "all image weights are 0; at least one must be above 0")
     v["image_weights"] = tuple(w)
+
+
+def _pose_face_rule(v: dict, number: int, source: str, given: set) -> None:
+    # A face of the pose picture named for a unit without one: the UI keeps stale choices (harmless),
+    # an API unit or an X/Y/Z cell asked for something that cannot happen.
+    if v["pose_image"] is None and v["pose_face"] != "auto" and source != UI and "pose_face" in given:
+        raise UnitError(number, "pose_face", f"pose_face {show_value(v['pose_face'])} picks a face of the pose picture, "
+                        "and this unit has no pose_image; send a pose_image, or leave pose_face out (without a pose "
+                        "picture the reference picture's face, chosen by face, sets the pose)")

@@ -151,6 +151,20 @@ def _face_index(picture, choice, pack: str, number: int, label: str) -> int:
     return next(i for i, f in enumerate(found) if f is face)
 
 
+def _one_pose_face(picture, choice, pack: str, number: int) -> None:
+    """A pose picture of several faces binds the unit to its face's region (``methods.pose_faces``),
+    which the extension cannot take: refused, as a mask is."""
+    from ..encoders import faces as face_analysis
+    from ..methods.pose_faces import pick_pose_face
+
+    found = face_analysis.analyse_faces(picture, pack)
+    if len(found) > 1:
+        raise UnitError(number, "pose_image", f"the pose picture shows {len(found)} faces, so the unit is bound to its "
+                        "face's region, which is not passed to the ControlNet extension; run the unit natively (turn "
+                        "off 'Through the ControlNet extension') or use a pose picture with one face")
+    pick_pose_face(found, choice, unit_number=number)  # no face, or an index past the one face: said here
+
+
 def frame_of(p):
     """The generation's (width, height) as the extension aligns it (multiples of 8)."""
     return (int(p.width) // 8 * 8, int(p.height) // 8 * 8)
@@ -181,8 +195,10 @@ def controlnet_units(ec, resolved, frame, *, pack: Optional[str] = None) -> List
         raise UnitError(number, "model", "InstantID's IdentityNet was not found; put it into models/ControlNet as "
                         f"{IDENTITYNET_NAME}.safetensors")
     pose = getattr(unit, "pose_image", None)
-    if pose is not None:  # the native path takes the pose picture's largest face
-        pose_picture, pose_face = to_rgb(pose), _face_index(to_rgb(pose), "largest", pack, number, "the pose picture")
+    if pose is not None:  # one face: the native path takes it, with no region
+        pose_picture = to_rgb(pose)
+        _one_pose_face(pose_picture, getattr(unit, "pose_face", "auto"), pack, number)
+        pose_face = _face_index(pose_picture, "largest", pack, number, "the pose picture")
     else:
         pose_picture, pose_face = picture, out[0].threshold_a
     out.append(ec.ControlNetUnit(

@@ -63,7 +63,12 @@ def keypoints_in_frame(kps, source_size: Sequence[int], target_size: Sequence[in
     taken at pixel centres, so a point keeps its place on the resized picture. Points that end up
     outside the frame keep their coordinates (the drawing clips them).
     """
-    points = _as_keypoints(kps)
+    return points_in_frame(_as_keypoints(kps), source_size, target_size)
+
+
+def points_in_frame(points, source_size: Sequence[int], target_size: Sequence[int]) -> np.ndarray:
+    """Any ``[n, 2]`` points (x, y) of a ``source_size`` picture, moved as ``keypoints_in_frame`` moves keypoints."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     (sw, sh), (tw, th) = _size(source_size), _size(target_size)
     resized_w, resized_h = _cover(sw, sh, tw, th)
     scale = np.array([resized_w / sw, resized_h / sh])
