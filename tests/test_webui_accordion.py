@@ -143,3 +143,12 @@ def test_the_face_picker_follows_the_model_and_the_pictures(built):
     model = next(s.name for s in U.FIELDS if s.widget == "model")
     pictures = next(s.name for s in U.FIELDS if s.widget == "files")
     assert sources == {id(block[model]), id(block[pictures])}
+
+
+def test_the_pose_face_control_is_a_dropdown_of_auto_largest_and_indexes(built):
+    _, components, _ = built
+    width = len(U.UI_FIELDS)
+    pose = dict(zip(U.UI_FIELDS, components[1:1 + width]))["pose_face"]
+    assert isinstance(pose, gr.Dropdown) and pose.value == "auto"
+    choices = [c[0] if isinstance(c, (list, tuple)) else c for c in pose.choices]
+    assert choices[:3] == ["auto", "largest", "0"]

@@ -33,7 +33,7 @@ def test_without_a_model_every_control_shows_that_its_dependencies_allow():
         s.name for s in U.FIELDS if s.visible_if and U.SPECS[s.visible_if[0]].default != s.visible_if[1]}
 
 
-INSTANTID_ONLY = {"ip_weight", "identitynet_weight", "identitynet_start", "identitynet_end", "pose_image", "uncond_noise",
+INSTANTID_ONLY = {"ip_weight", "identitynet_weight", "identitynet_start", "identitynet_end", "pose_image", "pose_face", "uncond_noise",
                   "via_controlnet"}
 
 
