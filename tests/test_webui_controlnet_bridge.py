@@ -206,6 +206,7 @@ def test_without_identitynet_weight_only_the_embedding_unit_is_written(env, monk
     ("slots", "needs 2 free units next to each other for InstantID; 3 units, 2 free.*ControlNet unit number"),
     ("pictures", "field 'images'.*takes one picture"),
     ("weight", "field 'ip_weight'.*from 0 to 2"),
+    ("group pose", "field 'pose_image'.*shows 6 faces.*region.*run the unit natively"),
 ])
 def test_every_way_it_cannot_run_says_what_to_do(env, monkeypatch, case, message):
     files = [env.files["adapter"]] if case == "unlisted" else [env.files["adapter"], env.files["identitynet"]]
@@ -224,6 +225,8 @@ def test_every_way_it_cannot_run_says_what_to_do(env, monkeypatch, case, message
         resolved.unit.images = [env.picture, env.picture]
     if case == "weight":
         resolved.unit.ip_weight = 2.5
+    if case == "group pose":  # several faces bind the unit to one face's region, which the extension cannot take
+        resolved.unit.pose_image, resolved.unit.pose_face = env.picture, "auto"
     with pytest.raises(Exception, match=message) as failure:
         env.bridge.apply(p, [resolved])
     if case not in ("absent", "old"):
