@@ -204,7 +204,8 @@ def prepare(resolved, *, device, dtype, unet=None, pose_share: Tuple[int, int] =
     image_proj, ip_layers = adapters.get(info, entry.path)
     return from_pictures(
         image_proj, ip_layers, list(unit.images), pack_dir=pack, face=unit.face, pose_image=unit.pose_image,
-        pose_choice=unit.pose_face, pose_share=pose_share, unit_number=number, name=name, identitynet=identitynet, ip_weight=unit.ip_weight,
+        pose_choice=unit.pose_face, pose_share=pose_share, unit_number=number, name=name, identitynet=identitynet,
+        ip_weight=unit.ip_weight,
         identitynet_weight=unit.identitynet_weight, identitynet_start=unit.identitynet_start,
         identitynet_end=unit.identitynet_end, uncond_noise=unit.uncond_noise, mask=_mask_tensor(unit.mask),
         device=device, dtype=dtype, start=unit.start, end=unit.end, layer_weights=_layer_weights(unit),
