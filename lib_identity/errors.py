@@ -19,12 +19,18 @@ class ModelNotFoundError(IdentityError):
 
 
 class UnitError(IdentityError):
-    """One unit's settings are wrong: says which unit (1-based, as the UI shows "Unit 1") and which field."""
+    """One unit's settings are wrong: says which unit (1-based, as the UI shows "Unit 1") and which field.
+
+    ``status_code`` 422: the WebUI's API answers an exception that stops a run (a PhotoMaker prompt
+    without its trigger word is found only while the prompt is encoded) with
+    ``vars(e).get('status_code', 500)``; a unit's settings are the client's to fix, as at the API gate.
+    """
 
     def __init__(self, unit, field, message):
         self.unit = unit
         self.field = field
         self.reason = message
+        self.status_code = 422
         where = "Identity" if unit is None else f"Identity unit {unit}"
         if field:
             where += f", field '{field}'"

@@ -119,6 +119,14 @@ def test_bad_prompts_stop_with_a_message(stack, prompt, negative, message):
     _assert_nothing_patched(stack)
 
 
+def test_a_prompt_error_that_stops_an_api_run_is_answered_422(stack):
+    """The WebUI's API answers an exception from a run with ``vars(e).get('status_code', 500)``
+    (modules/api/api.py, ``handle_exception``): a unit's bad settings are the client's to fix, 422."""
+    with pytest.raises(UnitError) as e:
+        encode(stack, [TRIGGER_FREE], [identity(1)])
+    assert vars(e.value).get("status_code", 500) == 422
+
+
 def test_two_units_need_two_trigger_words(stack):
     with pytest.raises(UnitError, match=r"unit 1 already uses the trigger word 'img'"):
         encode(stack, [PROMPT], [identity(1), identity(1, unit=2)])
