@@ -139,7 +139,7 @@ def _pixels(result) -> np.ndarray:
 
 
 def _payload(unit=None, **overrides):
-    payload = live.small_payload(prompt=PROMPT, steps=2, seed=7, **overrides)
+    payload = live.small_payload(**dict({"prompt": PROMPT, "steps": 2, "seed": 7}, **overrides))
     if unit is not None:
         payload["alwayson_scripts"] = {"identity": {"args": [unit]}}
     return payload
