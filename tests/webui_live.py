@@ -10,6 +10,7 @@ SD_WEBUI_ARGS        extra launch.py arguments, shell-quoted (e.g. "--use-cpu al
 SD_WEBUI_HF_HOME     a Hugging Face cache for the WebUI; sets HF_HOME and the offline flags for it alone.
 SD_WEBUI_EXTRA_EXTENSIONS  more extension folders to link in (os.pathsep-separated), e.g. ControlNet.
 SD_WEBUI_STARTUP_TIMEOUT   seconds to wait for the API (default 600).
+SD_WEBUI_REQUEST_TIMEOUT   seconds to wait for one API request (default 600; SDXL on the CPU needs more).
 
 The server never touches SD_WEBUI_ROOT's own settings or extensions: it runs with a temporary
 --data-dir whose extensions/ folder holds a link to this checkout, API only, on a free loopback port.
@@ -180,6 +181,7 @@ class WebUIServer:
             hf_home=env.get("SD_WEBUI_HF_HOME") or None,
             extra_extensions=extra,
             startup_timeout=float(env.get("SD_WEBUI_STARTUP_TIMEOUT", "600")),
+            request_timeout=float(env.get("SD_WEBUI_REQUEST_TIMEOUT", "600")),
         )
 
     # -- lifecycle -------------------------------------------------------------------------
