@@ -19,7 +19,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence
 import numpy as np
 
 from ..units.fields import FACE_METHODS, METHOD_OF_FAMILY
-from ..profiles.build import pack_name
+from ..profiles.profile import pack_name
 from .measure import Measurement, measure, reference_embedding, unit_vector
 
 FACE_PACK_PREFIX = "insightface:"

@@ -243,7 +243,8 @@ def from_profile(info: formats.ModelInfo, image_proj: torch.nn.Module, ip_layers
     """A FaceID unit from a saved profile: the faces its pack found when it was built (and for Plus
     the CLIP features of their aligned crops); the same numbers ``from_pictures`` computes."""
     from ..encoders import DEFAULT_PREPARATION, encode_uncond
-    from ..profiles import ProfileError, use
+    from ..profiles import use
+    from ..profiles.profile import ProfileError
 
     who = f"{info.variant} ({name})"
     try:

@@ -157,7 +157,8 @@ def from_profile(image_proj: torch.nn.Module, ip_layers, profile, *, pack_dir, p
                  **parts) -> InstantIDContribution:
     """An InstantID unit from a saved profile: the raw embeddings its pack found when it was built,
     and the keypoints of its first picture's face (or of the pose picture's face, as ``from_pictures``)."""
-    from ..profiles import ProfileError, use
+    from ..profiles import use
+    from ..profiles.profile import ProfileError
 
     try:
         found = use.faces(profile, pack_dir, name)

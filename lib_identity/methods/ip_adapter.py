@@ -146,7 +146,8 @@ def _profile_encodings(resolved, encoder, preparation, device, dtype):
     """``(cond, uncond)`` for a unit that uses a profile: its pictures' encodings, and the uncond
     side made as for pictures (zeros, the encoder on zero pixels or noise, or the negative image)."""
     from ..encoders import encode_uncond
-    from ..profiles import ProfileError, use
+    from ..profiles import use
+    from ..profiles.profile import ProfileError
 
     unit, info = resolved.unit, resolved.model.info
     try:

@@ -279,7 +279,8 @@ def prepare(resolved, *, device, dtype, pack_dir=None) -> PhotoMakerContribution
 
 def _from_profile(resolved, name: str) -> Tuple[torch.Tensor, Tuple[int, ...]]:
     """The ID embeddings a saved profile holds for this unit's PhotoMaker file."""
-    from ..profiles import ProfileError, use
+    from ..profiles import use
+    from ..profiles.profile import ProfileError
 
     entry = resolved.model
     try:

@@ -5,10 +5,10 @@ outliers, encodings), ``store`` keeps it as one ``.safetensors`` file per profil
 ``use`` hands a unit's method what it would have computed from the pictures.
 """
 
-from .build import MAX_PICTURES, BuildResult, Sources, build_profile, pack_name
+from .build import MAX_PICTURES, BuildResult, Sources, build_profile
 from .outliers import OUTLIER_COSINE, find_outliers
 from .profile import (FaceSet, PhotoMakerEmbeds, Profile, ProfileError, ProfileExistsError,
-                      ProfileNotFoundError)
+                      ProfileNotFoundError, pack_name)
 from .sources import build, gather
 from .store import (MAX_PROFILE_BYTES, NAME_RULE, PROFILE_SUBFOLDER, check_name, delete_profile, forget_loaded,
                     list_profiles, load_profile, profile_names, profile_path, save_profile)

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UnitError
 from .outliers import OUTLIER_COSINE, find_outliers
-from .profile import FaceSet, PhotoMakerEmbeds, Profile, ProfileError
+from .profile import FaceSet, PhotoMakerEmbeds, Profile, ProfileError, pack_name
 from .store import check_name
 
 MAX_PICTURES = 50
@@ -189,10 +189,3 @@ def _photomaker(pictures, sources: Sources, prep, face, device, progress) -> Dic
                                         name=f"profile ({entry.name})")
         out[short] = PhotoMakerEmbeds(file=entry.name, variant=info.variant, id_embeds=embeds, used=tuple(used))
     return out
-
-
-def pack_name(folder: Optional[str]) -> Optional[str]:
-    """The name a pack folder is stored under in a profile (its folder's name)."""
-    import os
-
-    return os.path.basename(os.path.normpath(str(folder))) if folder else None

@@ -17,6 +17,7 @@ pictures; the file's ``__metadata__`` holds one JSON document with the rest.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -189,6 +190,11 @@ class Profile:
             raise ProfileError(f"{source} is a damaged identity profile ({e}); build it again") from None
 
 
+def pack_name(folder: Optional[str]) -> Optional[str]:
+    """The name a pack folder is stored under in a profile (its folder's name)."""
+    return os.path.basename(os.path.normpath(str(folder))) if folder else None
+
+
 def _rows(t: torch.Tensor, n: int, key: str, source: str, tail: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
     if t.dim() < 1 or t.shape[0] != n or (tail is not None and tuple(t.shape[1:]) != tail) or \
             (t.is_floating_point() and not torch.isfinite(t).all()):
@@ -198,4 +204,4 @@ def _rows(t: torch.Tensor, n: int, key: str, source: str, tail: Optional[Tuple[i
 
 
 __all__: List[str] = ["FaceSet", "PhotoMakerEmbeds", "Profile", "ProfileError", "ProfileExistsError",
-                      "ProfileNotFoundError", "FORMAT", "FORMAT_VERSION"]
+                      "ProfileNotFoundError", "FORMAT", "FORMAT_VERSION", "pack_name"]

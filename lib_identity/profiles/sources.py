@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Callable, List, Sequence, Tuple
 
 from ..errors import IdentityError
-from .build import BuildResult, Sources, build_profile, pack_name
+from .build import BuildResult, Sources, build_profile
+from .profile import pack_name
 
 OUTLIER_PACK_ORDER = ("buffalo_l", "antelopev2")  # the pack that decides the outliers comes first
 FACE_CROP_ENCODER = "clip-vit-h"  # FaceID-Plus (methods.faceid.CLIP_ENCODER)

@@ -11,8 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .build import pack_name
-from .profile import FaceSet, PhotoMakerEmbeds, Profile, ProfileError
+from .profile import FaceSet, PhotoMakerEmbeds, Profile, ProfileError, pack_name
 
 FACE_CROP_ENCODER = "clip-vit-h"
 

@@ -165,7 +165,8 @@ def validate_for_run(
 
 def _profile(unit: Unit, entry, encoders: dict, number: int, find_profile):
     """The profile the unit names, checked against what its model needs."""
-    from ..profiles import ProfileError, use
+    from ..profiles import use
+    from ..profiles.profile import ProfileError
 
     if find_profile is None:
         raise UnitError(number, "profile", "profiles cannot be used here; send the reference images instead")
