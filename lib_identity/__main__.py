@@ -1,4 +1,5 @@
-"""Command line: ``python -m lib_identity inspect PATH [--json]``, ``... models``, ``... faces IMAGE`` and ``... fields``."""
+"""Command line: ``python -m lib_identity inspect PATH [--json]``, ``... models``, ``... faces IMAGE``,
+``... fields`` and ``... profile build|list|delete`` (``cli_profiles``)."""
 
 from __future__ import annotations
 
@@ -117,6 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--preview", help="write the picture with numbered boxes to this PNG file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_faces)
+    from . import cli_profiles
+
+    cli_profiles.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
