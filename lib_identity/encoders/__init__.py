@@ -4,7 +4,8 @@ Public API:
 
 * ``Preparation``, ``prepare_pixels(images, prep, size)`` - fitting pictures to the encoder.
 * ``find_encoder(encoder_id, folders)``, ``load_encoder(path, encoder_id=None)`` - files.
-* ``encode_images(encoder, images, output, prep, device, dtype, uncond)`` - cached encodings.
+* ``encode_images(encoder, images, output, prep, device, dtype, uncond)`` - cached encodings
+  (``encode_uncond``: the uncond side alone, for encodings a profile holds).
 * ``set_offload_policy(policy)``, ``release_encoders()`` - what the WebUI settings drive.
 * ``analyse_faces``, ``pick_face``, ``aligned_face``, ``draw_faces``, ``find_pack`` - faces (``encoders.faces``).
 
@@ -32,7 +33,7 @@ from .clip_vision import (
     run_encoder,
     shipped_config,
 )
-from .encode import UNCOND_KINDS, encode_images
+from .encode import UNCOND_KINDS, encode_images, encode_uncond
 from .faces import (
     Face,
     FacePack,
@@ -80,6 +81,7 @@ __all__ = [
     "draw_faces",
     "default_registry",
     "encode_images",
+    "encode_uncond",
     "encoder_info",
     "find_encoder",
     "find_pack",

@@ -68,14 +68,35 @@ def encode_images(
     encoder file, preparation, output, dtype); only what is missing runs the encoder, which is
     on ``device``/``dtype`` just for that run. Both tensors are returned on ``device`` in ``dtype``.
     """
+    refs = _as_list(images)
+    if not refs:
+        raise EncoderError("no reference pictures to encode")
+    return _encode(encoder, refs, len(refs), output, prep, device, dtype, uncond, encoder_id, cache, registry)
+
+
+def encode_uncond(encoder, count: int, output: str = "image_embeds", prep: Preparation = DEFAULT_PREPARATION,
+                  device=None, dtype=None, uncond: Union[str, ImageLike, Sequence[ImageLike]] = "zero", *,
+                  like=None, encoder_id: Optional[str] = None, cache: Optional[EncodingCache] = None,
+                  registry: Optional[EncoderRegistry] = None):
+    """The uncond side alone, for ``count`` references whose encodings exist already (a profile's):
+    the same tensor ``encode_images`` gives as its second result. ``like``: the cond encodings,
+    whose shape a zero embedding takes (``"zero"`` with ``image_embeds`` runs no encoder)."""
+    _, negative = _encode(encoder, [], count, output, prep, device, dtype, uncond, encoder_id, cache, registry)
+    if negative is None:
+        import torch
+
+        target = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        return torch.zeros_like(like.to(**target)) if like is not None else None
+    return negative
+
+
+def _encode(encoder, refs: List[ImageLike], count: int, output: str, prep: Preparation, device, dtype, uncond,
+            encoder_id, cache, registry):
     import torch
 
     check_output(output)
     if not isinstance(prep, Preparation):
         raise EncoderError(f"preparation must be a Preparation, got {type(prep).__name__}")
-    refs = _as_list(images)
-    if not refs:
-        raise EncoderError("no reference pictures to encode")
     cache = cache if cache is not None else default_cache()
     registry = registry if registry is not None else default_registry()
     ident = registry.identity(encoder)
@@ -98,18 +119,18 @@ def encode_images(
         if kind == "noise":
             key = ("noise", NOISE_SEED, ident, output, tail[-1])
             needed.setdefault(key, ("noise", None))
-            uncond_keys = [key] * len(refs)
+            uncond_keys = [key] * count
         elif output != "image_embeds":
             key = ("zero-pixels", ident, output, tail[-1])
             needed.setdefault(key, ("zeros", None))
-            uncond_keys = [key] * len(refs)
+            uncond_keys = [key] * count
         # zero + image_embeds: a zero embedding, made below without the encoder
     else:
         negatives = _as_list(uncond)
-        if len(negatives) not in (1, len(refs)):
-            raise EncoderError(f"{len(negatives)} negative pictures for {len(refs)} references; give one, or one per reference")
+        if len(negatives) not in (1, count):
+            raise EncoderError(f"{len(negatives)} negative pictures for {count} references; give one, or one per reference")
         keys = [want_picture(img) for img in negatives]
-        uncond_keys = keys * len(refs) if len(keys) == 1 else keys
+        uncond_keys = keys * count if len(keys) == 1 else keys
 
     found = {key: cache.get(key) for key in needed}
     missing = [key for key, value in found.items() if value is None]
@@ -137,7 +158,7 @@ def encode_images(
     target = dict(device=device) if device is not None else {}
     if dtype is not None:
         target["dtype"] = dtype
-    cond = torch.stack([found[k] for k in cond_keys]).to(**target)
+    cond = torch.stack([found[k] for k in cond_keys]).to(**target) if cond_keys else None
     if uncond_keys is None:
-        return cond, torch.zeros_like(cond)
+        return cond, (torch.zeros_like(cond) if cond is not None else None)
     return cond, torch.stack([found[k] for k in uncond_keys]).to(**target)

@@ -19,7 +19,8 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence
 import numpy as np
 
 from ..units.fields import FACE_METHODS, METHOD_OF_FAMILY
-from .measure import Measurement, measure, reference_embedding
+from ..profiles.build import pack_name
+from .measure import Measurement, measure, reference_embedding, unit_vector
 
 FACE_PACK_PREFIX = "insightface:"
 
@@ -33,13 +34,17 @@ class Target:
     images: Sequence
     face: object = "largest"
     mask: Optional[object] = None
+    faces: Optional[np.ndarray] = None  # a profile's normed embeddings, in place of the pictures
     _reference: Optional[np.ndarray] = field(default=None, repr=False)
     _referenced: bool = field(default=False, repr=False)
 
     def reference(self) -> Optional[np.ndarray]:
         """The unit's reference face (``measure.reference_embedding``), computed once, on first use."""
         if not self._referenced:
-            self._reference = reference_embedding(self.images, self.pack, self.face)
+            if self.faces is not None:
+                self._reference = unit_vector(np.mean([unit_vector(f) for f in self.faces], axis=0))
+            else:
+                self._reference = reference_embedding(self.images, self.pack, self.face)
             self._referenced = True
         return self._reference
 
@@ -67,7 +72,11 @@ def targets_for(resolved: Sequence, default_pack: Callable[[], Optional[str]]) -
             if not fallback:
                 fallback.append(default_pack())
             pack = fallback[0]
-        if pack:
+        if pack and getattr(r, "profile", None) is not None:
+            stored = r.profile.faces.get(pack_name(pack))
+            if stored is not None:  # a profile built without this pack has no face to compare with
+                out.append(Target(r.number, pack, (), face, r.unit.mask, faces=stored.normed.numpy()))
+        elif pack:
             out.append(Target(r.number, pack, tuple(r.unit.images), face, r.unit.mask))
     return out
 

@@ -222,11 +222,40 @@ def prepare(resolved, *, device, dtype, pack_dir=None) -> FaceIDContribution:
     if not pack:
         raise UnitError(number, "model", f"{info.variant} needs the insightface '{info.face_model or FACE_PACK}' face models")
     image_proj, ip_layers = adapters.get(info, entry.path)
-    return from_pictures(
-        info, image_proj, ip_layers, list(unit.images), pack_dir=pack, face=unit.face,
-        clip_encoder=resolved.encoders.get(CLIP_ENCODER) if is_plus(info) else None,
-        s_scale=unit.s_scale, lora_weight=unit.lora_weight, device=device, dtype=dtype, unit_number=number, name=name,
-        combine=unit.combine, reference_weights=unit.image_weights,
-        weight=unit.weight, start=unit.start, end=unit.end, layer_weights=_layer_weights(unit),
-        mask=_mask_tensor(unit.mask),
-    )
+    clip_encoder = resolved.encoders.get(CLIP_ENCODER) if is_plus(info) else None
+    knobs = dict(s_scale=unit.s_scale, lora_weight=unit.lora_weight, device=device, dtype=dtype, name=name,
+                 combine=unit.combine, reference_weights=unit.image_weights,
+                 weight=unit.weight, start=unit.start, end=unit.end, layer_weights=_layer_weights(unit),
+                 mask=_mask_tensor(unit.mask))
+    if resolved.profile is not None:
+        return from_profile(info, image_proj, ip_layers, resolved.profile, pack_dir=pack, clip_encoder=clip_encoder,
+                            unit_number=number, **knobs)
+    return from_pictures(info, image_proj, ip_layers, list(unit.images), pack_dir=pack, face=unit.face,
+                         clip_encoder=clip_encoder, unit_number=number, **knobs)
+
+
+def from_profile(info: formats.ModelInfo, image_proj: torch.nn.Module, ip_layers, profile, *, pack_dir,
+                 clip_encoder=None, clip_encoder_id: Optional[str] = CLIP_ENCODER, device=None, dtype=None,
+                 unit_number: Optional[int] = None, name: str = "unit", **knobs) -> FaceIDContribution:
+    """A FaceID unit from a saved profile: the faces its pack found when it was built (and for Plus
+    the CLIP features of their aligned crops); the same numbers ``from_pictures`` computes."""
+    from ..encoders import DEFAULT_PREPARATION, encode_uncond
+    from ..profiles import ProfileError, use
+
+    who = f"{info.variant} ({name})"
+    try:
+        found = use.faces(profile, pack_dir, who)
+        crops = use.face_crops(profile, pack_dir, who) if is_plus(info) else None
+    except ProfileError as e:
+        raise UnitError(unit_number, "profile", str(e)) from None
+    clip_hidden = uncond_clip = None
+    if crops is not None:
+        if clip_encoder is None:
+            raise PatchError(f"{name}: {info.variant} needs the CLIP ViT-H image encoder as well as the face models")
+        target = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        clip_hidden = crops.to(**target)
+        uncond_clip = encode_uncond(clip_encoder, crops.shape[0], CLIP_OUTPUT, DEFAULT_PREPARATION, device=device,
+                                    dtype=dtype, uncond="zero", encoder_id=clip_encoder_id)
+    # the raw embeddings, normed here as for pictures: the same numbers to the last bit
+    return faceid_prompt(info, image_proj, ip_layers, found.raw, clip_hidden=clip_hidden, uncond_clip_hidden=uncond_clip,
+                         device=device, dtype=dtype, name=name, **knobs)

@@ -138,26 +138,54 @@ def from_pictures(image_proj: torch.nn.Module, ip_layers, images, *, pack_dir, f
     face that ``pose_choice`` picks (the unit's ``pose_face``; ``pose_share``: the unit's place
     among the units sharing the pose picture and their count, for "auto"). With several faces in
     the pose picture and no ``mask``, that face's region is the unit's mask."""
-    from ..encoders import faces as face_analysis
     from .faceid import pick_faces
-    from .pose_faces import face_region, pick_pose_face
 
     images = list(images)
     if not images:
         raise PatchError(f"{name}: an InstantID unit needs at least one picture with a face")
     faces = pick_faces(images, pack_dir, face, unit_number=unit_number)
-    pose_face = region = None
-    keypoints, source = faces[0].keypoints, images[0].size
-    if pose_image is not None:
-        found = face_analysis.analyse_faces(pose_image, pack_dir)
-        pose_face = pick_pose_face(found, pose_choice, pose_share, unit_number=unit_number)
-        keypoints, source = pose_face.keypoints, pose_image.size
-        if len(found) > 1 and parts.get("mask") is None:
-            region = parts["mask"] = face_region(pose_face.box, pose_image.size, name=name)
+    keypoints, source, pose_face, region = _pose(faces[0].keypoints, images[0].size, pack_dir, pose_image, pose_choice,
+                                                 pose_share, unit_number, name, parts)
     contribution = instantid_parts(image_proj, ip_layers, [f.embedding for f in faces], keypoints=keypoints,
                                    source_size=source, name=name, **parts)
     contribution.faces, contribution.pose_face, contribution.region = faces, pose_face, region
     return contribution
+
+
+def from_profile(image_proj: torch.nn.Module, ip_layers, profile, *, pack_dir, pose_image=None, pose_choice="auto",
+                 pose_share: Tuple[int, int] = (0, 1), unit_number: Optional[int] = None, name: str = "unit",
+                 **parts) -> InstantIDContribution:
+    """An InstantID unit from a saved profile: the raw embeddings its pack found when it was built,
+    and the keypoints of its first picture's face (or of the pose picture's face, as ``from_pictures``)."""
+    from ..profiles import ProfileError, use
+
+    try:
+        found = use.faces(profile, pack_dir, name)
+    except ProfileError as e:
+        raise UnitError(unit_number, "profile", str(e)) from None
+    first_size = tuple(int(v) for v in found.sizes[0].tolist())
+    keypoints, source, pose_face, region = _pose(found.keypoints[0].numpy(), first_size, pack_dir, pose_image,
+                                                 pose_choice, pose_share, unit_number, name, parts)
+    contribution = instantid_parts(image_proj, ip_layers, found.raw, keypoints=keypoints, source_size=source,
+                                   name=name, **parts)
+    contribution.pose_face, contribution.region = pose_face, region
+    return contribution
+
+
+def _pose(keypoints, source, pack_dir, pose_image, pose_choice, pose_share, unit_number, name, parts):
+    """``(keypoints, source size, pose face, region)``: the reference face's, or the pose picture's face
+    that ``pose_choice`` picks; with several faces there and no mask, its region becomes ``parts["mask"]``."""
+    from ..encoders import faces as face_analysis
+    from .pose_faces import face_region, pick_pose_face
+
+    if pose_image is None:
+        return keypoints, source, None, None
+    found = face_analysis.analyse_faces(pose_image, pack_dir)
+    pose_face = pick_pose_face(found, pose_choice, pose_share, unit_number=unit_number)
+    region = None
+    if len(found) > 1 and parts.get("mask") is None:
+        region = parts["mask"] = face_region(pose_face.box, pose_image.size, name=name)
+    return pose_face.keypoints, pose_image.size, pose_face, region
 
 
 def check_unet(unet: torch.nn.Module, number: Optional[int]) -> None:
@@ -202,14 +230,14 @@ def prepare(resolved, *, device, dtype, unet=None, pose_share: Tuple[int, int] =
             raise UnitError(number, "model", f"{info.variant} needs InstantID's IdentityNet")
         identitynet = identitynets.get(path, unet=unet, device=unet_home(unet, device), dtype=dtype)
     image_proj, ip_layers = adapters.get(info, entry.path)
-    return from_pictures(
-        image_proj, ip_layers, list(unit.images), pack_dir=pack, face=unit.face, pose_image=unit.pose_image,
-        pose_choice=unit.pose_face, pose_share=pose_share, unit_number=number, name=name, identitynet=identitynet,
-        ip_weight=unit.ip_weight,
-        identitynet_weight=unit.identitynet_weight, identitynet_start=unit.identitynet_start,
-        identitynet_end=unit.identitynet_end, uncond_noise=unit.uncond_noise, mask=_mask_tensor(unit.mask),
-        device=device, dtype=dtype, start=unit.start, end=unit.end, layer_weights=_layer_weights(unit),
-    )
+    knobs = dict(pose_image=unit.pose_image, pose_choice=unit.pose_face, pose_share=pose_share, unit_number=number,
+                 name=name, identitynet=identitynet, ip_weight=unit.ip_weight,
+                 identitynet_weight=unit.identitynet_weight, identitynet_start=unit.identitynet_start,
+                 identitynet_end=unit.identitynet_end, uncond_noise=unit.uncond_noise, mask=_mask_tensor(unit.mask),
+                 device=device, dtype=dtype, start=unit.start, end=unit.end, layer_weights=_layer_weights(unit))
+    if resolved.profile is not None:
+        return from_profile(image_proj, ip_layers, resolved.profile, pack_dir=pack, **knobs)
+    return from_pictures(image_proj, ip_layers, list(unit.images), pack_dir=pack, face=unit.face, **knobs)
 
 
 def release() -> None:
@@ -217,5 +245,5 @@ def release() -> None:
     identitynets.clear()
 
 
-__all__: Sequence[str] = ("FAMILY", "InstantIDContribution", "from_pictures", "instantid_parts", "instantid_tokens",
+__all__: Sequence[str] = ("FAMILY", "InstantIDContribution", "from_pictures", "from_profile", "instantid_parts", "instantid_tokens",
                           "keypoint_hint", "prepare", "raw_embedding", "release", "uncond_embedding")

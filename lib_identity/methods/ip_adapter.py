@@ -83,14 +83,15 @@ def _uncond_input(unit):
 def image_prompt(info: formats.ModelInfo, image_proj: torch.nn.Module, ip_layers, images, encoder, *,
                  device, dtype, preparation: Optional[Preparation] = None, uncond="zero",
                  combine: str = "concat", reference_weights=None, name: str = "unit",
-                 encoder_id: Optional[str] = None, **prompt) -> ImagePrompt:
+                 encoder_id: Optional[str] = None, encoded=None, **prompt) -> ImagePrompt:
     """Encode ``images`` with ``encoder``, combine them, project them: one unit's ``ImagePrompt``.
 
     The one path from pictures to image tokens, for the WebUI (``prepare``) and for Python
     callers (``lib_identity.api.image_prompt``). ``average`` and ``weighted average`` combine
     the encoder outputs before the projection (ComfyUI_IPAdapter_plus's ``combine_embeds``);
     ``concat`` projects each picture and lays the tokens side by side. ``prompt`` holds the
-    remaining ``ImagePrompt`` fields (weight, start, end, layer_weights, mask, …).
+    remaining ``ImagePrompt`` fields (weight, start, end, layer_weights, mask, …). ``encoded``:
+    ``(cond, uncond)`` encodings made already (a profile's), in place of ``images``.
     """
     from ..encoders import DEFAULT_PREPARATION
 
@@ -98,8 +99,10 @@ def image_prompt(info: formats.ModelInfo, image_proj: torch.nn.Module, ip_layers
     if output not in OUTPUTS:
         raise PatchError(f"{name}: {info.variant} is not fed by CLIP vision ({info.encoder_output}); it needs its own method")
     mode = normalise_mode(combine, name)
-    cond, negative = encode_images(encoder, images, output, preparation or DEFAULT_PREPARATION, device=device,
-                                   dtype=dtype, uncond=uncond, encoder_id=encoder_id)
+    if encoded is None:
+        encoded = encode_images(encoder, images, output, preparation or DEFAULT_PREPARATION, device=device,
+                                dtype=dtype, uncond=uncond, encoder_id=encoder_id)
+    cond, negative = encoded
     if mode != "concat" and cond.shape[0] > 1:
         cond = combine_references(cond, mode, reference_weights, unit_name=name, tokens=False)
         if negative.shape[0] > 1:
@@ -124,15 +127,38 @@ def prepare(resolved, *, device, dtype) -> ImagePrompt:
         raise UnitError(number, "model", f"model '{entry.name}' is {info.family}; this step prepares IP-Adapter models only "
                         "(methods.prepare_units sends each model to its method)")
     image_proj, ip_layers = adapters.get(info, entry.path)
+    encoder = resolved.encoders.get(info.image_encoder)
+    preparation = Preparation(mode=unit.preparation, crop_position=unit.crop_position)
+    encoded = None
+    if resolved.profile is not None:
+        encoded = _profile_encodings(resolved, encoder, preparation, device, dtype)
     return image_prompt(
-        info, image_proj, ip_layers, list(unit.images), resolved.encoders.get(info.image_encoder),
-        device=device, dtype=dtype, encoder_id=info.image_encoder,
-        preparation=Preparation(mode=unit.preparation, crop_position=unit.crop_position),
+        info, image_proj, ip_layers, list(unit.images), encoder,
+        device=device, dtype=dtype, encoder_id=info.image_encoder, preparation=preparation, encoded=encoded,
         uncond=_uncond_input(unit), combine=unit.combine,
         reference_weights=unit.image_weights, name=f"Identity unit {number}",
         weight=unit.weight, start=unit.start, end=unit.end, layer_weights=_layer_weights(unit),
         mask=_mask_tensor(unit.mask),
     )
+
+
+def _profile_encodings(resolved, encoder, preparation, device, dtype):
+    """``(cond, uncond)`` for a unit that uses a profile: its pictures' encodings, and the uncond
+    side made as for pictures (zeros, the encoder on zero pixels or noise, or the negative image)."""
+    from ..encoders import encode_uncond
+    from ..profiles import ProfileError, use
+
+    unit, info = resolved.unit, resolved.model.info
+    try:
+        stored = use.clip(resolved.profile, info.image_encoder, info.encoder_output, unit.preparation,
+                          unit.crop_position, f"'{resolved.model.name}'")
+    except ProfileError as e:
+        raise UnitError(resolved.number, "profile", str(e)) from None
+    target = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    cond = stored.to(**target)
+    negative = encode_uncond(encoder, cond.shape[0], info.encoder_output, preparation, device=device, dtype=dtype,
+                             uncond=_uncond_input(unit), like=cond, encoder_id=info.image_encoder)
+    return cond, negative
 
 
 def _project(image_proj: torch.nn.Module, x: torch.Tensor, device, dtype, *more: torch.Tensor, **options) -> torch.Tensor:

@@ -266,12 +266,28 @@ def prepare(resolved, *, device, dtype, pack_dir=None) -> PhotoMakerContribution
         if not pack:
             raise UnitError(number, "model", f"{info.variant} needs the insightface '{FACE_PACK}' face models")
     model = models.get(info, entry.path, storage_dtype(device, dtype))
-    embeds, used = id_embeddings(model, list(unit.images), pack_dir=pack, face=unit.face, device=device,
-                                 preparation=Preparation(mode=unit.preparation, crop_position=unit.crop_position),
-                                 unit_number=number, name=name)
+    if resolved.profile is not None:
+        embeds, used = _from_profile(resolved, name)
+    else:
+        embeds, used = id_embeddings(model, list(unit.images), pack_dir=pack, face=unit.face, device=device,
+                                     preparation=Preparation(mode=unit.preparation, crop_position=unit.crop_position),
+                                     unit_number=number, name=name)
     identity = PromptIdentity(unit_number=number, trigger=unit.trigger, id_embeds=embeds, fuse=fuse_of(model),
                               start=float(unit.start), key=identity_key(model, embeds))
     return PhotoMakerContribution(identity=identity, lora=lora_of(model, unit.lora_weight, name), pictures_used=used)
+
+
+def _from_profile(resolved, name: str) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+    """The ID embeddings a saved profile holds for this unit's PhotoMaker file."""
+    from ..profiles import ProfileError, use
+
+    entry = resolved.model
+    try:
+        use.check_fit(resolved.profile, resolved.unit.preparation, resolved.unit.crop_position)
+        stored = use.photomaker(resolved.profile, entry.short_hash or entry.name, entry.name, name)
+    except ProfileError as e:
+        raise UnitError(resolved.number, "profile", str(e)) from None
+    return stored.id_embeds.to(torch.float32), stored.used
 
 
 def release() -> None:

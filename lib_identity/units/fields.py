@@ -16,7 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..formats import CROSS_ATTENTION_LAYERS
 from ..unet.layer_weights import PRESETS
 from ..unet.references import COMBINE_MODES as REFERENCE_COMBINE_MODES
-from .parsers import MAX_IMAGES, Bool, Choice, FaceChoice, Images, ModelName, Number, Numbers, OneImage, PoseFace, Word
+from .parsers import (MAX_IMAGES, Bool, Choice, FaceChoice, Images, ModelName, Number, Numbers, OneImage, PoseFace,
+                      ProfileName, Word)
 
 # The layer-weight presets and combine modes are named where they are implemented, so the UI,
 # the API, infotext and X/Y/Z offer exactly what the UNet code does.
@@ -53,7 +54,7 @@ S_SCALE_RANGE = (0.0, 3.0)
 LORA_WEIGHT_RANGE = (0.0, 2.0)
 
 # Where a field's component goes in a unit's tab.
-WIDGETS = ("checkbox", "model", "files", "slider", "radio", "dropdown", "textbox", "image", "mask", "face")
+WIDGETS = ("checkbox", "model", "files", "slider", "radio", "dropdown", "textbox", "image", "mask", "face", "profile")
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,11 @@ FIELDS: Tuple[FieldSpec, ...] = (
               "With several faces there and no mask, that face's box, grown by a quarter of its size on each side, is the "
               "unit's region", "Face of the pose picture (from the left)", "dropdown", "instantid pose face",
               infotext="pose face", record=_unless_default("pose_face", "auto"), axis=True, methods=("instantid",)),
+    # Identity profiles (issue 11, part 2; appended, same reason)
+    FieldSpec("profile", "", ProfileName(), "a saved identity profile to use instead of images (GET "
+              "/identity/v1/profiles lists them); its faces and encodings were computed when it was built",
+              "Profile (instead of reference images)", "profile", "images profile", infotext="profile",
+              record=lambda u: bool(u.profile), axis=True),
 )
 
 SPECS: Dict[str, FieldSpec] = {f.name: f for f in FIELDS}

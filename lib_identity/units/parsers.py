@@ -257,6 +257,26 @@ class ModelName:
         return name
 
 
+class ProfileName:
+    """A saved identity profile, by name (``profiles.check_name``'s rule); "None" or empty: no profile."""
+
+    expected = "a profile name as GET /identity/v1/profiles lists it (e.g. 'alice'), or empty for none"
+
+    def __call__(self, value, ctx):
+        if not isinstance(value, str):
+            raise got(self.expected, value)
+        name = value.strip()
+        if name.lower() in ("", "none"):  # what an empty dropdown shows
+            return ""
+        from ..profiles.profile import ProfileError
+        from ..profiles.store import check_name
+
+        try:
+            return check_name(name)
+        except ProfileError as e:
+            raise Invalid(str(e)) from None
+
+
 def _to_image(value, ctx: Context):
     """One picture in any form the entry point allows -> PIL image (not yet converted)."""
     from PIL import Image

@@ -151,6 +151,7 @@ def finish(values: dict, number: int, source: str, given: set, **extra) -> "Unit
         raise UnitError(number, "end", f"expected a number above start ({fmt_number(v['start'])}) and at most 1, got {fmt_number(v['end'])}")
     _layers_rule(v, number, source, given)
     _negative_rule(v, number, source, given)
+    _profile_rule(v, number)
     _image_weights_rule(v, number)
     _pose_face_rule(v, number, source, given)
     return Unit(**v, **extra)
@@ -186,8 +187,18 @@ def _negative_rule(v: dict, number: int, source: str, given: set) -> None:
             v["uncond"] = "image"
 
 
+def _profile_rule(v: dict, number: int) -> None:
+    # Both at once would leave one of them unused without a word.
+    if v["profile"] and v["images"]:
+        raise UnitError(number, "profile", f"the unit has reference images and profile '{v['profile']}'; "
+                        "use one of them: remove the images to use the profile, or clear the profile")
+
+
 def _image_weights_rule(v: dict, number: int) -> None:
     n, w = len(v["images"]), v["image_weights"]
+    if n == 0 and v["profile"]:
+        v["image_weights"] = tuple(w or ())  # checked against the profile's pictures when it is read
+        return
     if n == 0:
         w = ()
     elif not w:

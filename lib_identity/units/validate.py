@@ -39,6 +39,7 @@ class ResolvedUnit:
     unit: Unit  # with ``model`` set to the found model's "name [hash]"
     model: Any  # discovery.ModelEntry
     encoders: Dict[str, Any]  # requirement id ("clip-vit-h", "insightface:antelopev2", …) -> what find_encoder returned
+    profile: Any = None  # the profiles.Profile the unit uses instead of pictures
 
 
 def required_encoders(info) -> List[str]:
@@ -70,6 +71,7 @@ def validate_for_run(
     find_encoder: Callable[[str], Any],
     model_names: Any = (),
     layer_counts: Optional[Mapping[str, Iterable[int]]] = None,
+    find_profile: Optional[Callable[[str], Any]] = None,
 ) -> List[ResolvedUnit]:
     """Check the enabled units against the model folders and the loaded checkpoint.
 
@@ -81,6 +83,8 @@ def validate_for_run(
     ``model_names``: names (or a callable giving them) offered when a name is unknown.
     ``layer_counts``: base -> accepted lengths of ``layer_weights`` (default: one weight per
     cross-attention layer, 16 for SD1.5 and 70 for SDXL).
+    ``find_profile(name)``: the ``profiles.Profile`` a unit names, or a ``ProfileError`` (None:
+    profiles cannot be used here).
     """
     counts = {k: tuple(v) for k, v in (layer_counts or {b: (n,) for b, n in CROSS_ATTENTION_LAYERS.items()}).items()}
     resolved = []
@@ -129,8 +133,12 @@ def validate_for_run(
                 help_text = ENCODER_HELP.get(need, "put it into the model folders")
                 raise UnitError(number, "model", f"model '{entry.name}' needs {describe_need(need)}, which was not found: {help_text}")
             encoders[need] = found
-        if not unit.images:
-            raise UnitError(number, "images", "the unit is on but has no reference images; add at least one")
+        profile = None
+        if unit.profile:
+            profile = _profile(unit, entry, encoders, number, find_profile)
+        elif not unit.images:
+            raise UnitError(number, "images", "the unit is on but has no reference images; add at least one, "
+                            "or choose a saved profile")
         if unit.mask is not None and info.family == "photomaker":
             raise UnitError(number, "mask", "PhotoMaker cannot be bound to a region: it changes the prompt's text "
                             "conditioning (the class word), which acts on the whole picture; remove the mask "
@@ -146,8 +154,30 @@ def validate_for_run(
                     f"expected {want} weights for an {BASE_NAMES.get(info.base, info.base)} model (one per cross-attention layer), got {len(unit.layer_weights)}",
                 )
         changes = with_method_defaults(unit, METHOD_OF_FAMILY.get(info.family))
-        resolved.append(ResolvedUnit(number, dataclasses.replace(unit, model=entry.title, **changes), entry, encoders))
+        if profile is not None:
+            from ..profiles import use
+
+            changes["image_weights"] = use.image_weights(profile, unit.image_weights, unit.combine)
+        resolved.append(ResolvedUnit(number, dataclasses.replace(unit, model=entry.title, **changes), entry, encoders,
+                                     profile))
     return resolved
+
+
+def _profile(unit: Unit, entry, encoders: dict, number: int, find_profile):
+    """The profile the unit names, checked against what its model needs."""
+    from ..profiles import ProfileError, use
+
+    if find_profile is None:
+        raise UnitError(number, "profile", "profiles cannot be used here; send the reference images instead")
+    if unit.via_controlnet:
+        raise UnitError(number, "profile", "a unit run through the ControlNet extension needs its pictures (the "
+                        "extension analyses them itself); send the images, or turn off via_controlnet")
+    try:
+        profile = find_profile(unit.profile)
+        use.check(profile, entry, encoders, unit)
+    except ProfileError as e:
+        raise UnitError(number, "profile", str(e)) from None
+    return profile
 
 
 def with_method_defaults(unit: Unit, method: Optional[str]) -> dict:

@@ -31,6 +31,15 @@ def model_folders() -> List[str]:
     return discovery.model_folders(paths.models_path, extra)
 
 
+def profile_folder() -> str:
+    """Where identity profiles are saved and read: ``models/identity/profiles``."""
+    from modules import paths
+
+    from ..profiles import PROFILE_SUBFOLDER
+
+    return os.path.join(paths.models_path, *PROFILE_SUBFOLDER.split("/"))
+
+
 def webui_root() -> str:
     """The WebUI's own folder as users name paths from it (the data folder under ``--data-dir``)."""
     from modules import paths

@@ -48,7 +48,15 @@ def resolve_units(units, base: Optional[str]) -> list:
         find_model=folders.find_model,
         find_encoder=find_encoder_for_run,
         model_names=lambda: [e.name for e in folders.list_models() if e.usable],
+        find_profile=find_profile,
     )
+
+
+def find_profile(name: str):
+    """The saved profile ``name`` from the profile folder (``profiles.load_profile``)."""
+    from .. import profiles
+
+    return profiles.load_profile(folders.profile_folder(), name)
 
 
 def model_choices(refresh: bool = False) -> List[str]:

@@ -144,6 +144,8 @@ def _component(gr, spec: U.FieldSpec, number: int, elem_id: str, choices):
         return gr.Image(type="pil", **kw)
     if w == "face":
         return gr.Dropdown(choices=list(FACE_CHOICES), value=spec.default, allow_custom_value=True, **kw)
+    if w == "profile":
+        return gr.Dropdown(choices=["None"], value="None", allow_custom_value=True, **kw)
     raise ValueError(f"field {spec.name}: unknown widget {w!r}")
 
 
