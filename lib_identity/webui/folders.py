@@ -75,18 +75,6 @@ def shorten(text: str) -> str:
     return text
 
 
-def profile_folder() -> str:
-    """Where identity profiles are kept: ``models/identity/profiles`` in the WebUI's models folder.
-
-    The one place the UI, the routes and the run take it from, so a profile saved by one is found by the others.
-    """
-    from modules import paths
-
-    from .. import profiles
-
-    return os.path.join(paths.models_path, profiles.PROFILE_SUBFOLDER)
-
-
 def list_models(refresh: bool = False):
     return discovery.list_models(model_folders(), refresh=refresh)
 
