@@ -8,6 +8,7 @@ the same ``profiles.build`` the WebUI's route and button run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -101,10 +102,11 @@ def _build(args) -> int:
         raise IdentityError(f"--face: {e.message}") from None
     pictures = [_read_picture(path) for path in args.images]
     models = discovery.list_models(discovery.model_folders(args.models, extra=args.dir), refresh=True)
-    log = (lambda text: print(text, file=sys.stderr)) if args.json else print
-    result = profiles.build(name, pictures, models=models, find_encoder=encoder_finder(args.models, args.dir),
-                            face=face, progress=log)
-    path = profiles.save_profile(result.profile, folder, overwrite=args.overwrite)
+    # with --json, stdout is the one JSON object: progress and the encoders' console lines go to stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = profiles.build(name, pictures, models=models, find_encoder=encoder_finder(args.models, args.dir),
+                                face=face)
+        path = profiles.save_profile(result.profile, folder, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({"profile": result.profile.summary(), "messages": result.messages, "path": path}, indent=2))
         return 0
