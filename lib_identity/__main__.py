@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -74,8 +75,10 @@ def _cmd_faces(args) -> int:
         print(f"error: {args.image}: {e}", file=sys.stderr)
         return 2
     folders = faces.search_folders(args.models, extra_dirs=args.dir)
-    pack = faces.open_pack(args.pack, folders)
-    found = faces.analyse_faces(picture, pack, det_size=args.det_size)
+    # with --json, stdout is the one JSON object: the analysis' console line (which runtime) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        pack = faces.open_pack(args.pack, folders)
+        found = faces.analyse_faces(picture, pack, det_size=args.det_size)
     if args.preview:
         faces.draw_faces(picture, found).save(args.preview)
     if args.json:
