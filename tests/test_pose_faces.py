@@ -21,7 +21,8 @@ def test_pose_face_is_parsed_alike_from_the_api_the_ui_infotext_and_xyz():
         assert U.Unit.from_api({"pose_image": pose, "pose_face": given}, 1).pose_face == want
     assert U.Unit.from_api({}, 1).pose_face == "auto"
     ui = list(U.Unit.from_ui([], 1).values().values())  # the accordion's values in UI_FIELDS order
-    assert U.UI_FIELDS[-1] == "pose_face" and U.Unit.from_ui(ui[:-1] + ["1"], 1).pose_face == 1
+    at = U.UI_FIELDS.index("pose_face")
+    assert U.Unit.from_ui(ui[:at] + ["1"] + ui[at + 1:], 1).pose_face == 1
     unit = U.Unit.from_api({"model": "m", "images": [], "pose_image": pose, "pose_face": 4}, 2)
     entry = U.units_to_infotext([unit])["Identity 1"]
     assert "pose face: 4" in entry
@@ -53,7 +54,8 @@ def test_a_pose_face_without_a_pose_picture_is_refused_from_the_api_and_kept_fro
     assert e.value.field == "pose_face" and "no pose_image" in str(e.value) and "send a pose_image" in str(e.value)
     assert U.Unit.from_api({"pose_face": "auto"}, 2).pose_face == "auto"
     ui = list(U.Unit.from_ui([], 1).values().values())
-    assert U.Unit.from_ui(ui[:-1] + ["2"], 1).pose_face == 2  # a stale dropdown value is harmless
+    at = U.UI_FIELDS.index("pose_face")
+    assert U.Unit.from_ui(ui[:at] + ["2"] + ui[at + 1:], 1).pose_face == 2  # a stale dropdown value is harmless
     with pytest.raises(UnitError):
         U.apply_overrides([U.Unit.from_api({"enabled": True}, 1)], {("pose_face", 1): "1"})
 

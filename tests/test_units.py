@@ -63,7 +63,7 @@ def ui_block(**fields):
         "layer_weights": "", "mask": None, "uncond": "zero", "negative_image": None, "face": "largest", "s_scale": 1.0,
         "lora_weight": 1.0, "ip_weight": 0.8, "identitynet_weight": 0.8, "identitynet_start": 0.0,
         "identitynet_end": 1.0, "pose_image": None, "uncond_noise": 0.0, "via_controlnet": False,
-        "trigger": "img", "pose_face": "auto",
+        "trigger": "img", "pose_face": "auto", "profile": "None",
     }
     assert set(ui_defaults) == set(U.UI_FIELDS), "the test's UI layout must follow UI_FIELDS"
     ui_defaults.update(fields)
@@ -485,7 +485,7 @@ def test_override_layers_and_enabled():
 
 def test_axis_helpers():
     assert set(U.AXIS_FIELDS) == {"enabled", "model", "weight", "start", "end", "layer_preset", "combine", "face", "s_scale", "lora_weight",
-                                "ip_weight", "identitynet_weight", "pose_face"}
+                                "ip_weight", "identitynet_weight", "pose_face", "profile"}
     assert U.axis_choices("combine") == list(U.COMBINE_MODES)
     assert U.axis_choices("layer_preset") == list(U.LAYER_PRESETS)
     assert U.axis_choices("model", ["a", "b"]) == ["a", "b"] and U.axis_choices("weight") is None

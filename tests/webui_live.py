@@ -37,6 +37,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -303,6 +304,10 @@ class WebUIServer:
     def post(self, path, payload, timeout=None):
         """POST JSON to an API path and return the decoded JSON."""
         return self._request("POST", path, payload, timeout=timeout)
+
+    def delete(self, path, timeout=None):
+        """DELETE an API path (spaces and other characters of names are quoted here)."""
+        return self._request("DELETE", urllib.parse.quote(path), timeout=timeout)
 
     def txt2img(self, payload: dict) -> dict:
         """POST /sdapi/v1/txt2img; the response dict has "images" (base64 PNG), "parameters" and "info"."""

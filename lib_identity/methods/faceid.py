@@ -114,6 +114,9 @@ def faceid_tokens(info: formats.ModelInfo, image_proj: torch.nn.Module, embeddin
     uncond_clip = uncond_clip_hidden
     if uncond_clip.dim() == 2:
         uncond_clip = uncond_clip[None]
+    if uncond_clip.shape[0] != clip_hidden.shape[0]:
+        # one row per picture, all the encoder on zero pixels: after an average there is one face left
+        uncond_clip = uncond_clip[:1]
     uncond_clip = uncond_clip.expand(clip_hidden.shape[0], -1, -1)
     scale = float(s_scale)
     return (_project(image_proj, embeddings, device, dtype, clip_hidden, scale=scale),

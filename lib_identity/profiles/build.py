@@ -83,7 +83,7 @@ def _outliers(images, chosen: Dict[str, list], kept: List[int], sources: Sources
     normed = np.stack([np.asarray(chosen[pack][i].normed_embedding, dtype=np.float64) for i in kept])
     far, note = find_outliers(normed)
     return [_left(kept[j], images[kept[j]], f"its face is far from the others (cosine {c:.2f} to the median face of "
-                                            f"the pictures, below {OUTLIER_COSINE}; {pack}): another person?")
+                                            f"the other pictures, below {OUTLIER_COSINE}; {pack}): another person?")
             for j, c in far], note
 
 

@@ -1,8 +1,10 @@
 """Which pictures of a profile show someone else: faces far from the others.
 
-The reference is the element-wise median of the normed ArcFace embeddings (one face per picture),
-normed again: one stray picture cannot pull it, as it would pull a mean. A face whose cosine to it
-is below ``OUTLIER_COSINE`` is an outlier. Pictures of one person under real ArcFace models sit
+Each face is compared with the element-wise median of the *other* pictures' normed ArcFace
+embeddings (one face per picture), normed again: one stray picture cannot pull a median as it
+would pull a mean, and leaving the face itself out keeps a few pictures of different people from
+agreeing with a median made of themselves. A face whose cosine to it is below ``OUTLIER_COSINE``
+is an outlier. Pictures of one person under real ArcFace models sit
 well above that (about 0.5-0.8); different people sit near 0.
 
 With fewer than ``MIN_PICTURES`` faces there is no majority to tell who the person is, and when
@@ -28,10 +30,10 @@ def median_face(normed: np.ndarray) -> np.ndarray:
 
 
 def cosines_to_median(normed: np.ndarray) -> np.ndarray:
-    """Each face's cosine to the median face."""
+    """Each face's cosine to the median face of the other pictures."""
     x = np.asarray(normed, dtype=np.float64)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return x @ median_face(x)
+    return np.array([float(x[i] @ median_face(np.delete(x, i, axis=0))) for i in range(len(x))])
 
 
 def find_outliers(normed: Sequence, threshold: float = OUTLIER_COSINE) -> Tuple[List[Tuple[int, float]], str]:
@@ -44,6 +46,6 @@ def find_outliers(normed: Sequence, threshold: float = OUTLIER_COSINE) -> Tuple[
     far = [(i, float(c)) for i, c in enumerate(cos) if c < threshold]
     if len(far) * 2 >= len(cos):
         shown = ", ".join(f"{c:.2f}" for c in cos)
-        return [], (f"the faces do not agree on one person (cosines to the median face: {shown}); "
+        return [], (f"the faces do not agree on one person (cosines to the median face of the others: {shown}); "
                     "no picture was left out: check that they all show the same person")
     return far, ""
