@@ -91,7 +91,7 @@ def _build(args) -> int:
 
     name = profiles.check_name(args.name)
     folder = profile_folder(args.models)
-    if not args.overwrite and os.path.isfile(os.path.join(folder, name + ".safetensors")):
+    if not args.overwrite and os.path.isfile(profiles.profile_path(folder, name)):
         raise profiles.ProfileExistsError(f"a profile named '{name}' exists already in {folder}: choose another name, "
                                           "or add --overwrite, or delete it first (profile delete)")
     if len(args.images) > profiles.MAX_PICTURES:

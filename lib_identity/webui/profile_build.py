@@ -10,8 +10,10 @@ from . import folders, lookup
 
 
 def profile_exists(name: str) -> bool:
-    """Whether a profile of this (already checked) name is saved; one ``NAME.safetensors`` per profile."""
-    return os.path.isfile(os.path.join(folders.profile_folder(), name + ".safetensors"))
+    """Whether a profile of this name is saved in the profile folder."""
+    from .. import profiles
+
+    return os.path.isfile(profiles.profile_path(folders.profile_folder(), name))
 
 
 def build_and_save(name: str, images: Sequence, *, face="largest", preparation: str = "crop",
