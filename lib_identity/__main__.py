@@ -1,8 +1,10 @@
-"""Command line: ``python -m lib_identity inspect PATH [--json]``, ``... models``, ``... faces IMAGE`` and ``... fields``."""
+"""Command line: ``python -m lib_identity inspect PATH [--json]``, ``... models``, ``... faces IMAGE``,
+``... fields`` and ``... profile build|list|delete`` (``cli_profiles``)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -73,8 +75,10 @@ def _cmd_faces(args) -> int:
         print(f"error: {args.image}: {e}", file=sys.stderr)
         return 2
     folders = faces.search_folders(args.models, extra_dirs=args.dir)
-    pack = faces.open_pack(args.pack, folders)
-    found = faces.analyse_faces(picture, pack, det_size=args.det_size)
+    # with --json, stdout is the one JSON object: the analysis' console line (which runtime) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        pack = faces.open_pack(args.pack, folders)
+        found = faces.analyse_faces(picture, pack, det_size=args.det_size)
     if args.preview:
         faces.draw_faces(picture, found).save(args.preview)
     if args.json:
@@ -117,6 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--preview", help="write the picture with numbered boxes to this PNG file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_faces)
+    from . import cli_profiles
+
+    cli_profiles.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -25,6 +25,7 @@ WIDGET_CLASSES = {
     "image": gr.Image,
     "mask": gr.Image,
     "face": gr.Dropdown,
+    "profile": gr.Dropdown,
 }
 
 

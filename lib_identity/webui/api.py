@@ -1,5 +1,5 @@
 """HTTP routes: /identity/v1/version, /identity/v1/models, /identity/v1/inspect, /identity/v1/faces,
-and the gate that answers bad Identity units in txt2img/img2img with 422 (``api_gate``).
+/identity/v1/profiles (``profile_api``), and the gate that answers bad Identity units in txt2img/img2img with 422 (``api_gate``).
 
 Registered from ``on_app_started``. FastAPI routes added that way are not covered by the WebUI's
 ``--api-auth`` on their own, so the same HTTP Basic check is attached here.
@@ -136,7 +136,7 @@ def register(_demo, app):
     """``on_app_started`` callback: the routes, and the 422 gate on txt2img/img2img."""
     from fastapi import Body
 
-    from . import api_gate
+    from . import api_gate, profile_api
 
     deps = _dependencies()
     api_gate.install(app, check_api_units, credentials=_credentials)
@@ -151,3 +151,4 @@ def register(_demo, app):
     app.add_api_route("/identity/v1/models", models, methods=["GET"], dependencies=deps)
     app.add_api_route("/identity/v1/inspect", inspect_route, methods=["POST"], dependencies=deps)
     app.add_api_route("/identity/v1/faces", faces_route, methods=["POST"], dependencies=deps)
+    profile_api.register(app, deps)

@@ -140,3 +140,17 @@ def upload_opener():
         pass
     roots.append(os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio"))
     return image_input.upload_opener(roots)
+
+
+def profile_choices() -> List[str]:
+    """"None" (use the unit's pictures) and the saved profiles' names, for the accordion and the X/Y/Z axis.
+
+    A profile file that cannot be read is left out here; ``GET /identity/v1/profiles`` lists it with why.
+    """
+    from .. import profiles
+
+    try:
+        found = profiles.list_profiles(folders.profile_folder())
+    except (IdentityError, OSError):
+        found = []
+    return ["None"] + sorted((p["name"] for p in found if "error" not in p), key=str.lower)

@@ -3,7 +3,8 @@
 Each field of ``units.FIELDS`` becomes one component (its ``widget``, ``label``, ``row`` and
 ``section``), in the table's order, which is also the order of the script's args. Two things
 ride along that are not fields: the model's status line (after the model's row) and the
-references' preview with the "needs" line that pasted infotext fills (after the pictures' row).
+references' preview with the "needs" line that pasted infotext fills (after the pictures' row),
+and the "Save as profile…" row under it (``ui_profiles``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from itertools import groupby
 
 from .. import units as U
-from . import folders, lookup, settings
+from . import folders, lookup, settings, ui_profiles
 
 # what the face dropdown offers; a box [x0, y0, x1, y1] can be typed (or pasted from infotext) too
 FACE_CHOICES = ("largest",) + tuple(str(i) for i in range(8))
@@ -99,6 +100,7 @@ def build(script, is_img2img: bool):
     def eid(name):
         return f"identity_{tab}_{name}"
 
+    profile_units = []
     with InputAccordion(False, label="Identity", elem_id=eid("enabled")) as accordion:
         components.append(accordion)
         infotext_fields.append((accordion, lambda d: any(U.norm_word(str(k)).startswith("identity ") for k in d)))
@@ -106,12 +108,14 @@ def build(script, is_img2img: bool):
             for number in range(1, count + 1):
                 with gr.Tab(f"Unit {number}", elem_id=eid(f"unit{number}")):
                     c = _unit_block(gr, ToolButton, number, lambda name, n=number: eid(f"unit{n}_{name}"), choices)
+                    profile_units.append(c["profiles"])
                     components.extend(c[f] for f in U.UI_FIELDS)
                     for f in U.RESTORED_FIELDS:
                         key = U.infotext_key(number, f)
                         infotext_fields.append((c[f], key))
                         paste_names.append(key)
                     infotext_fields.append((c["needs"], U.infotext_key(number, "needs")))
+    ui_profiles.wire(gr, profile_units)
     script.infotext_fields = infotext_fields
     script.paste_field_names = paste_names
     return components
@@ -145,12 +149,13 @@ def _component(gr, spec: U.FieldSpec, number: int, elem_id: str, choices):
     if w == "face":
         return gr.Dropdown(choices=list(FACE_CHOICES), value=spec.default, allow_custom_value=True, **kw)
     if w == "profile":
-        return gr.Dropdown(choices=["None"], value="None", allow_custom_value=True, **kw)
+        return ui_profiles.dropdown(gr, **kw)
     raise ValueError(f"field {spec.name}: unknown widget {w!r}")
 
 
 def _unit_block(gr, ToolButton, number, eid, choices):
-    """One unit's tab: the table's rows in order; returns field name -> component (plus 'status', 'needs')."""
+    """One unit's tab: the table's rows in order; returns field name -> component (plus 'status', 'needs',
+    and under 'profiles' what ``ui_profiles.wire`` needs)."""
     c = {}
     extras = {}
     for section, specs in groupby(U.FIELDS, key=lambda s: s.section):
@@ -161,6 +166,10 @@ def _unit_block(gr, ToolButton, number, eid, choices):
             with gr.Accordion(section, open=False):
                 _rows(gr, ToolButton, specs, number, eid, choices, c, extras)
     _wire(gr, c, extras)
+    by_widget = {s.widget: s.name for s in U.FIELDS}
+    c["profiles"] = dict(extras["save"], dropdown=c[by_widget["profile"]], refresh=extras["profile_refresh"],
+                         images=c[by_widget["files"]], face=c["face"], preparation=c["preparation"],
+                         crop_position=c["crop_position"])
     return c
 
 
@@ -172,6 +181,8 @@ def _rows(gr, ToolButton, specs, number, eid, choices, c, extras):
                 c[spec.name] = _component(gr, spec, number, eid(spec.name), choices)
                 if spec.widget == "model":
                     extras["refresh"] = ToolButton(value="\U0001f504", elem_id=eid("refresh"), tooltip="Look for new model files")
+                elif spec.widget == "profile":
+                    extras["profile_refresh"] = ui_profiles.refresh_button(ToolButton, eid("profile_refresh"))
                 elif spec.widget == "files":
                     extras["preview"] = gr.Gallery(label="References", show_label=False, columns=4, height=160,
                                                    elem_id=eid("preview"))
@@ -187,6 +198,7 @@ def _rows(gr, ToolButton, specs, number, eid, choices, c, extras):
         if "files" in widgets:
             # filled by pasted infotext: which reference pictures the restored unit needs again
             c["needs"] = gr.Markdown("", elem_id=eid("needs"))
+            extras["save"] = ui_profiles.save_row(gr, eid)
         if "face" in widgets:
             extras["faces_status"] = gr.Markdown("", elem_id=eid("faces_status"), visible=False)
 

@@ -46,6 +46,10 @@ def _choices(field):
         def models():
             return lookup.model_choices()[1:]
         return models
+    if U.SPECS[field].widget == "profile":
+        def saved_profiles():
+            return lookup.profile_choices()[1:]  # the names; "None" (the pictures) can still be typed
+        return saved_profiles
     options = U.axis_choices(field)
     return (lambda: list(options)) if options else None
 
