@@ -34,6 +34,9 @@ def test_a_saved_profile_reads_back_with_the_same_numbers_and_is_listed(tmp_path
     made = sample_profile()
     path = P.save_profile(made, str(folder))
     assert path == str(folder / "alice.safetensors") and os.path.isfile(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # as readable as any model file, not 0600
     back = P.load_profile(str(folder), "alice")
     assert back.pictures == made.pictures and back.face == 2 and back.left_out == made.left_out
     for key in ("normed", "raw", "keypoints"):

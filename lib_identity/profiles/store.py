@@ -158,6 +158,10 @@ def save_profile(profile: Profile, folder: str, overwrite: bool = False) -> str:
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # the library writes 0600 files; a profile is as readable as the other model files
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
