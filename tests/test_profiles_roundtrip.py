@@ -118,6 +118,9 @@ def test_the_face_chosen_when_building_is_the_face_the_profile_holds(env, photos
     unit = {"model": env.plus}
     assert torch.equal(output(env, dict(unit, profile="face2")), output(env, dict(unit, images=pictures, face=2)))
     assert not torch.equal(output(env, dict(unit, profile="face2")), output(env, dict(unit, images=pictures)))
+    # another face than the one built would silently be the built one: it is refused, saying what to do
+    _stops(env, dict(unit, profile="face2", face=1), "field 'profile'", "holds face 2 of each picture",
+           "asks for face 1", "build the profile again with face 1")
 
 
 def test_weighted_average_takes_one_weight_per_picture_of_the_profile(env, photos):

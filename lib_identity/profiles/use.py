@@ -89,6 +89,14 @@ def image_weights(profile: Profile, weights, combine: str) -> Optional[Tuple[flo
     return tuple(weights)
 
 
+def check_face(profile: Profile, face) -> None:
+    """The face is chosen when the profile is built; a unit that names another one would get the built one."""
+    if str(face) not in ("largest", str(profile.face)):
+        raise ProfileError(f"profile '{profile.name}' holds face {profile.face} of each picture (chosen when it was "
+                           f"built), and the unit asks for face {face}; set the unit's face to largest or "
+                           f"{profile.face}, or build the profile again with face {face}")
+
+
 def check(profile: Profile, entry, encoders: dict, unit) -> None:
     """Raise ``ProfileError`` when ``profile`` lacks what ``entry``'s model needs for ``unit``.
 
@@ -104,11 +112,13 @@ def check(profile: Profile, entry, encoders: dict, unit) -> None:
         clip(profile, info.image_encoder, info.encoder_output, unit.preparation, unit.crop_position, who)
     elif info.family in ("ip-adapter-faceid", "instantid-adapter"):
         faces(profile, pack(), who)
+        check_face(profile, unit.face)
         if info.projection == "faceid-plus":
             face_crops(profile, pack(), who)
     elif info.family == "photomaker":
         if info.variant == "photomaker-v2":
             faces(profile, pack(), who)
+            check_face(profile, unit.face)
         photomaker(profile, entry.short_hash or entry.name, entry.name, who)
         check_fit(profile, unit.preparation, unit.crop_position)
     image_weights(profile, unit.image_weights, unit.combine)
