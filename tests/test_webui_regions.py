@@ -4,7 +4,8 @@ real insightface code on insightface's t1.jpg with the tests' small ONNX packs).
 What a user would notice: two units with masks each change only their own region (FaceID on
 SD1.5, InstantID on SDXL, its IdentityNet residuals too); two InstantID units given one pose
 picture of several faces draw two different keypoint images and act in two separate regions
-where those faces are; the README's two-person payload runs as it is written.
+where those faces are, and the likeness of each is measured on the face in its region; the README's
+two-person payload runs as it is written.
 """
 
 import base64
@@ -222,6 +223,22 @@ def test_two_instantid_units_with_one_group_pose_picture_take_two_faces_and_two_
             assert torch.count_nonzero(maps[..., outside]) == 0
             checked += 1
     assert checked >= 2
+
+    # the likeness measures each unit on the face in its region: on the group photo itself, unit 1 (reference
+    # face 2, drawn on the first face from the left) gets that first face's cosine to its reference, not 1
+    from lib_identity.likeness.measure import unit_vector
+    from lib_identity.webui import likeness
+
+    run = likeness.state.latest
+    assert [t.mask for t in run.targets] == [first.mask, second.mask]
+    measured = run.measure_image(photo, "group photo")
+    largest_first = sorted(analyse_faces(photo, instantid.pack), key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+    for number, (face, reference) in enumerate(zip(faces[:2], (largest_first[2], largest_first[4])), start=1):
+        want = float(np.dot(unit_vector(face.embedding), unit_vector(reference.embedding)))
+        assert measured[number].value == pytest.approx(want, abs=1e-6), number
+        whole = max(float(np.dot(unit_vector(f.embedding), unit_vector(reference.embedding))) for f in faces)
+        assert whole == pytest.approx(1.0, abs=1e-5)  # over the whole photo the best match is the reference itself
+    assert measured[1].value < 0.99  # unit 1's reference is not the face its region holds: the region decides
 
 
 def test_the_readmes_two_person_payload_parses_validates_and_runs(instantid, t1_b64, prepared):

@@ -121,12 +121,17 @@ def best_match(faces: Sequence, reference: np.ndarray, *, region: Optional[np.nd
 def measure(image, reference: np.ndarray, pack, *, mask=None, det_size: int = 640, faces=None) -> Measurement:
     """The likeness of ``image`` (PIL) to ``reference`` (``reference_embedding``) with ``pack``'s models.
 
-    ``mask``: the unit's region mask (PIL) or None. ``faces``: the analysis of ``image`` with this
+    ``mask``: the unit's region mask (PIL), a function ``(width, height) -> [height, width]`` array, or None. ``faces``: the analysis of ``image`` with this
     pack when the caller has it already (several units, one pack: one analysis per image).
     """
     from ..encoders import faces as face_analysis
 
     if faces is None:
         faces = face_analysis.analyse_faces(image, pack, det_size=det_size, cache=face_analysis.FaceCache(0))
-    region = region_array(mask, image.width, image.height) if mask is not None else None
+    if mask is None:
+        region = None
+    elif callable(mask):  # a region the unit made itself, drawn at the image's size
+        region = np.asarray(mask(image.width, image.height), dtype=np.float32)
+    else:
+        region = region_array(mask, image.width, image.height)
     return best_match(faces, reference, region=region)

@@ -27,7 +27,8 @@ FACE_PACK_PREFIX = "insightface:"
 
 @dataclass
 class Target:
-    """A unit to measure: its number, the pack folder, its pictures, face choice and region mask."""
+    """A unit to measure: its number, the pack folder, its pictures, face choice and region (a PIL
+    mask, or ``region(width, height)`` for a region the unit made itself)."""
 
     number: int
     pack: str
@@ -92,6 +93,13 @@ class LikenessRun:
         self.targets = list(targets)
         self.values: Dict[Hashable, Dict[int, Measurement]] = {}
         self.order: List[Hashable] = []
+
+    def use_regions(self, regions: Dict[int, Callable]) -> None:
+        """Unit number -> ``region(width, height)``: a unit without a mask of its own is measured on
+        the face inside that region (InstantID's face of a group pose picture)."""
+        for target in self.targets:
+            if target.mask is None and target.number in regions:
+                target.mask = regions[target.number]
 
     def measure_image(self, image, key: Hashable) -> Dict[int, Measurement]:
         from ..encoders import faces as face_analysis

@@ -11,7 +11,7 @@ ControlNet extension runs it (``webui/controlnet_bridge.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 from ..errors import UnitError
 
@@ -24,6 +24,9 @@ class Contributions:
     loras: List = field(default_factory=list)  # unet.lora.AttentionLoRA, from FaceID and PhotoMaker files
     controls: List = field(default_factory=list)  # unet.control.Control, InstantID's IdentityNet
     prompt_identities: List = field(default_factory=list)  # conditioning.PromptIdentity, one per PhotoMaker unit
+    # unit number -> region(width, height) a unit made itself (InstantID's face of a group pose picture),
+    # for the likeness to measure the face there
+    regions: Dict[int, Callable] = field(default_factory=dict)
 
 
 def runs_through_controlnet(unit) -> bool:
@@ -62,6 +65,8 @@ def prepare_units(resolved: Sequence, *, device, dtype, unet=None) -> Contributi
             out.prompts.append(c.prompt)
             if c.control is not None:
                 out.controls.append(c.control)
+            if c.region is not None:
+                out.regions[r.number] = c.region
         elif family == photomaker.FAMILY:
             pm = photomaker.prepare(r, device=device, dtype=dtype)
             out.prompt_identities.append(pm.identity)

@@ -92,6 +92,14 @@ def start(p, resolved) -> Optional[L.LikenessRun]:
     return run
 
 
+def use_regions(regions) -> None:
+    """The regions units made for themselves while preparing (``methods.Contributions.regions``):
+    each such unit's likeness is measured on the face in its region, as with a mask."""
+    run = state.current
+    if run is not None and regions:
+        run.use_regions(regions)
+
+
 def _infotext_value(run: L.LikenessRun, number: int):
     def likeness(p=None, index=0, use_main_prompt=False, **_):
         if use_main_prompt:  # a batch's grid stands for several images

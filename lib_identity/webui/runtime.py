@@ -201,6 +201,7 @@ def _prepared(p):
         _identitynets().resize(int(settings.option("identity_identitynet_cache")))
         unet = p.sd_model.model.diffusion_model  # InstantID builds IdentityNet from its classes
         state.parts = prepare_units(state.resolved, device=devices.device, dtype=devices.dtype_unet, unet=unet)
+        likeness.use_regions(state.parts.regions)
     return state.parts
 
 
