@@ -9,8 +9,6 @@ finds t1.jpg's six faces (tests/face_models.py), both written by the harness int
 """
 
 import base64
-import hashlib
-import io
 import json
 import re
 
@@ -19,14 +17,14 @@ import pytest
 from PIL import Image
 
 from webui_installer import installer_runs  # noqa: F401  (session fixture: install.py in the WebUI's venv)
-from webui_live import LIVE_FACE_PACK, WebUIError, decode_images, small_payload, webui  # noqa: F401
+from webui_live import LIVE_FACE_PACK, WebUIError, decode_images, pixel_digest, small_payload, webui  # noqa: F401
 
 FACEID = "ip-adapter-faceid_sd15"
 PLUSV2 = "ip-adapter-faceid-plusv2_sd15"
 
 
 def pixels(result):
-    return hashlib.sha256(base64.b64decode(result["images"][0])).hexdigest()
+    return pixel_digest(result)
 
 
 def with_units(*units, **overrides):

@@ -6,7 +6,6 @@ official layouts, written by the fixture.
 """
 
 import base64
-import hashlib
 import io
 import json
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from webui_live import WebUIError, small_payload, webui  # noqa: F401  (webui: the session fixture)
+from webui_live import WebUIError, pixel_digest, small_payload, webui  # noqa: F401  (webui: the session fixture)
 
 
 def reference(seed, size=(64, 96)):
@@ -32,7 +31,7 @@ def with_units(*units, **overrides):
 
 
 def pixels(result):
-    return hashlib.sha256(base64.b64decode(result["images"][0])).hexdigest()
+    return pixel_digest(result)
 
 
 def identity_params(result):

@@ -8,7 +8,6 @@ infotext, refused with a message when unknown, and deleted.
 """
 
 import base64
-import hashlib
 import io
 import json
 
@@ -16,14 +15,14 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from webui_installer import installer_runs  # noqa: F401  (session fixture: install.py in the WebUI's venv)
-from webui_live import WebUIError, small_payload, webui  # noqa: F401
+from webui_live import WebUIError, pixel_digest, small_payload, webui  # noqa: F401
 
 NAME = "live alice"
 MODELS = ("ip-adapter_sd15", "ip-adapter-faceid-plusv2_sd15")
 
 
 def pixels(result):
-    return hashlib.sha256(base64.b64decode(result["images"][0])).hexdigest()
+    return pixel_digest(result)
 
 
 def with_units(*units, **overrides):

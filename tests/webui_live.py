@@ -94,6 +94,14 @@ def decode_images(result: dict) -> list:
     return [Image.open(io.BytesIO(base64.b64decode(b64))) for b64 in result["images"]]
 
 
+def pixel_digest(result: dict, index: int = 0) -> str:
+    """A hash of one response image's decoded RGB pixels. Not of its PNG bytes: those also hold the
+    infotext, which differs whenever the units do, so two PNGs differ even when the pixels are equal."""
+    import hashlib
+
+    return hashlib.sha256(decode_images(result)[index].convert("RGB").tobytes()).hexdigest()
+
+
 # Random-weight identity models the live tests use, in the official layouts, written at start.
 LIVE_MODELS = {
     # name -> (manifest, real random tensors or a sparse layout-only file)
