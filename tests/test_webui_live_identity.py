@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from webui_live import WebUIError, pixel_digest, small_payload, webui  # noqa: F401  (webui: the session fixture)
+from webui_live import WebUIError, small_payload, webui, with_units  # noqa: F401  (webui: the session fixture)
+from webui_live import pixel_digest as pixels
 
 
 def reference(seed, size=(64, 96)):
@@ -22,16 +23,6 @@ def reference(seed, size=(64, 96)):
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def with_units(*units, **overrides):
-    payload = small_payload(**overrides)
-    payload["alwayson_scripts"] = {"identity": {"args": list(units)}}
-    return payload
-
-
-def pixels(result):
-    return pixel_digest(result)
 
 
 def identity_params(result):

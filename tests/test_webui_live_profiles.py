@@ -15,20 +15,11 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from webui_installer import installer_runs  # noqa: F401  (session fixture: install.py in the WebUI's venv)
-from webui_live import WebUIError, pixel_digest, small_payload, webui  # noqa: F401
+from webui_live import WebUIError, small_payload, webui, with_units  # noqa: F401
+from webui_live import pixel_digest as pixels
 
 NAME = "live alice"
 MODELS = ("ip-adapter_sd15", "ip-adapter-faceid-plusv2_sd15")
-
-
-def pixels(result):
-    return pixel_digest(result)
-
-
-def with_units(*units, **overrides):
-    payload = small_payload(**overrides)
-    payload["alwayson_scripts"] = {"identity": {"args": list(units)}}
-    return payload
 
 
 def b64(img) -> str:

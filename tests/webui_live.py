@@ -94,6 +94,13 @@ def decode_images(result: dict) -> list:
     return [Image.open(io.BytesIO(base64.b64decode(b64))) for b64 in result["images"]]
 
 
+def with_units(*units, **overrides) -> dict:
+    """``small_payload(**overrides)`` with these identity units (API dicts) in ``alwayson_scripts``."""
+    payload = small_payload(**overrides)
+    payload["alwayson_scripts"] = {"identity": {"args": list(units)}}
+    return payload
+
+
 def pixel_digest(result: dict, index: int = 0) -> str:
     """A hash of one response image's decoded RGB pixels. Not of its PNG bytes: those also hold the
     infotext, which differs whenever the units do, so two PNGs differ even when the pixels are equal."""
