@@ -85,8 +85,7 @@ def encode_uncond(encoder, count: int, output: str = "image_embeds", prep: Prepa
     if negative is None:
         import torch
 
-        target = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        return torch.zeros_like(like.to(**target)) if like is not None else None
+        return torch.zeros_like(like.to(device=device, dtype=dtype)) if like is not None else None
     return negative
 
 

@@ -121,8 +121,9 @@ def best_match(faces: Sequence, reference: np.ndarray, *, region: Optional[np.nd
 def measure(image, reference: np.ndarray, pack, *, mask=None, det_size: int = 640, faces=None) -> Measurement:
     """The likeness of ``image`` (PIL) to ``reference`` (``reference_embedding``) with ``pack``'s models.
 
-    ``mask``: the unit's region mask (PIL), a function ``(width, height) -> [height, width]`` array, or None. ``faces``: the analysis of ``image`` with this
-    pack when the caller has it already (several units, one pack: one analysis per image).
+    ``mask``: the unit's region mask (PIL), a function ``(width, height) -> [height, width]`` array
+    (a region the unit made itself), or None. ``faces``: the analysis of ``image`` with this pack
+    when the caller has it already (several units, one pack: one analysis per image).
     """
     from ..encoders import faces as face_analysis
 

@@ -256,8 +256,7 @@ def from_profile(info: formats.ModelInfo, image_proj: torch.nn.Module, ip_layers
     if crops is not None:
         if clip_encoder is None:
             raise PatchError(f"{name}: {info.variant} needs the CLIP ViT-H image encoder as well as the face models")
-        target = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        clip_hidden = crops.to(**target)
+        clip_hidden = crops.to(device=device, dtype=dtype)
         uncond_clip = encode_uncond(clip_encoder, crops.shape[0], CLIP_OUTPUT, DEFAULT_PREPARATION, device=device,
                                     dtype=dtype, uncond="zero", encoder_id=clip_encoder_id)
     # the raw embeddings, normed here as for pictures: the same numbers to the last bit

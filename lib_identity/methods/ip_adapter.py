@@ -155,8 +155,7 @@ def _profile_encodings(resolved, encoder, preparation, device, dtype):
                           unit.crop_position, f"'{resolved.model.name}'")
     except ProfileError as e:
         raise UnitError(resolved.number, "profile", str(e)) from None
-    target = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    cond = stored.to(**target)
+    cond = stored.to(device=device, dtype=dtype)
     negative = encode_uncond(encoder, cond.shape[0], info.encoder_output, preparation, device=device, dtype=dtype,
                              uncond=_uncond_input(unit), like=cond, encoder_id=info.image_encoder)
     return cond, negative

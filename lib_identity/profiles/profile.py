@@ -190,6 +190,10 @@ class Profile:
             raise ProfileError(f"{source} is a damaged identity profile ({e}); build it again") from None
 
 
+# the CLIP encoder FaceID-Plus reads face crops with (methods.faceid.CLIP_ENCODER): face_clip/<it>/<pack>
+FACE_CROP_ENCODER = "clip-vit-h"
+
+
 def pack_name(folder: Optional[str]) -> Optional[str]:
     """The name a pack folder is stored under in a profile (its folder's name)."""
     return os.path.basename(os.path.normpath(str(folder))) if folder else None
@@ -204,4 +208,4 @@ def _rows(t: torch.Tensor, n: int, key: str, source: str, tail: Optional[Tuple[i
 
 
 __all__: List[str] = ["FaceSet", "PhotoMakerEmbeds", "Profile", "ProfileError", "ProfileExistsError",
-                      "ProfileNotFoundError", "FORMAT", "FORMAT_VERSION", "pack_name"]
+                      "ProfileNotFoundError", "FACE_CROP_ENCODER", "FORMAT", "FORMAT_VERSION", "pack_name"]

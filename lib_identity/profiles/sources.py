@@ -12,10 +12,9 @@ from typing import Callable, List, Sequence, Tuple
 
 from ..errors import IdentityError
 from .build import BuildResult, Sources, build_profile
-from .profile import pack_name
+from .profile import FACE_CROP_ENCODER, pack_name
 
 OUTLIER_PACK_ORDER = ("buffalo_l", "antelopev2")  # the pack that decides the outliers comes first
-FACE_CROP_ENCODER = "clip-vit-h"  # FaceID-Plus (methods.faceid.CLIP_ENCODER)
 
 
 def _find(find_encoder: Callable, need: str):

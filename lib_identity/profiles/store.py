@@ -143,7 +143,7 @@ def save_profile(profile: Profile, folder: str, overwrite: bool = False) -> str:
 
     The file appears whole or not at all (written beside it, then renamed).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = profile_path(folder, profile.name)
     if os.path.exists(path) and not overwrite:
@@ -157,11 +157,9 @@ def save_profile(profile: Profile, folder: str, overwrite: bool = False) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        # the library writes 0600 files; a profile is as readable as the other model files
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        # written by open(), so the file gets the usual mode (the library's save_file makes 0600 files)
+        with open(tmp, "wb") as fh:
+            fh.write(save(tensors, metadata=metadata))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -11,9 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .profile import FaceSet, PhotoMakerEmbeds, Profile, ProfileError, pack_name
-
-FACE_CROP_ENCODER = "clip-vit-h"
+from .profile import FACE_CROP_ENCODER, FaceSet, PhotoMakerEmbeds, Profile, ProfileError, pack_name
 
 _REBUILD = "build the profile again now that it is installed (the build encodes for every model it finds)"
 
