@@ -83,8 +83,9 @@ def save_from_unit(name, files, face="largest", preparation="crop", crop_positio
 
 def wire(gr, units: list) -> None:
     """Events of every unit of one tab: 🔄 refreshes its dropdown; "Save as profile…" saves and refreshes
-    every unit's dropdown in the tab (each keeps its value). ``units``: one dict per unit with the
-    ``profile`` field's component under ``field`` and the save row's components."""
+    every unit's dropdown in the tab (each keeps its value). ``units``: one dict per unit (``ui._unit_block``'s
+    ``"profiles"``): the ``profile`` field's component under ``dropdown``, its 🔄 under ``refresh``, the
+    pictures, face and fit components, and the save row's components."""
     dropdowns = [u["dropdown"] for u in units]
 
     def refreshed(*values):
